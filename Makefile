@@ -1,0 +1,25 @@
+# The two commands of the README: `make demo` and `make test`. Both prepare .venv first.
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test test-fast lint bench
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh
+
+demo: setup
+	$(VENV)/bin/layerwise demo
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check layerwise tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/loop_overhead.py
+	$(PY) benchmarks/decode.py

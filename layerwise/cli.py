@@ -1,0 +1,159 @@
+"""The `layerwise` command line: each subcommand is a plain typed function (typer builds the parser).
+
+Exit codes: 0 success, 2 bad usage or bad input (the message names the file or field), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from layerwise.errors import InputError
+
+app = typer.Typer(help="layerwise: raw images, audio and text in; a trained deep network you can trust out.", no_args_is_help=True, add_completion=False)
+err_console = Console(stderr=True)
+out_console = Console()
+
+
+def exits_cleanly(command):
+    """Bad input -> its message and exit 2, no traceback. Ctrl-C -> exit 130."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from layerwise.train.loop import TrainingDiverged, TrainingInterrupted
+
+        try:
+            return command(*args, **kwargs)
+        except InputError as err:
+            err_console.print(f"[red]error:[/] {err}", highlight=False)
+            raise typer.Exit(2) from None
+        except TrainingInterrupted as err:
+            err_console.print(f"[yellow]interrupted:[/] {err}; continue with --resume", highlight=False)
+            raise typer.Exit(130) from None
+        except TrainingDiverged as err:
+            err_console.print(f"[red]training diverged:[/] {err}", highlight=False)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def print_summary(summary: dict, run_dir: Path | None) -> None:
+    table = Table(title="held-out validation split", show_header=True)
+    table.add_column("model")
+    table.add_column("accuracy", justify="right")
+    table.add_row(f"deep: {summary['model']}", f"{summary['metrics']['accuracy']:.2%}")
+    if summary["baseline"]:
+        table.add_row(f"classical: {summary['baseline']['model']}", f"{summary['baseline']['accuracy']:.2%}")
+    out_console.print(table)
+    out_console.print(summary["verdict"])
+    out_console.print(f"stopped: {summary['stop_reason']}; training took {summary['train_seconds']} s")
+    if run_dir is not None:
+        out_console.print(f"run directory: {run_dir}  (report: {run_dir / 'report.html'})")
+
+
+@app.command("train")
+@exits_cleanly
+def train_command(
+    data: Annotated[Path, typer.Argument(help="Folder with one subfolder per class, or a CSV manifest (label + path or text).")],
+    out: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
+    task: Annotated[str, typer.Option(help="What to learn.")] = "classify",
+    modality: Annotated[str | None, typer.Option(help="image, audio or text (default: detected from the files).")] = None,
+    model: Annotated[str | None, typer.Option(help="Registered model name (default: chosen from the data); see `layerwise models`.")] = None,
+    epochs: Annotated[int, typer.Option(help="Maximum epochs (early stopping may end sooner).")] = 30,
+    time_budget: Annotated[float | None, typer.Option("--time-budget", help="Stop cleanly after SEC seconds of training, keeping the best model.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for the split, initialisation, order and augmentation.")] = 0,
+    val_fraction: Annotated[float, typer.Option("--val-fraction", help="Fraction of each class held out for validation.")] = 0.1,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Default: chosen from the data size.")] = None,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warmup + cosine).")] = 3e-3,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
+    init: Annotated[Path | None, typer.Option("--init", help="Start from the weights of another run (transfer learning).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show the live progress bar.")] = True,
+) -> None:
+    """Train a deep network on raw files and write the run directory."""
+    from layerwise.api import fit
+
+    bundle = fit(
+        data, out, task=task, modality=modality, model=model, epochs=epochs, time_budget=time_budget, seed=seed,
+        val_fraction=val_fraction, batch_size=batch_size, lr=lr, init=init, resume=resume, show_progress=progress,
+    )  # fmt: skip
+    print_summary(bundle.summary, out)
+
+
+@app.command("evaluate")
+@exits_cleanly
+def evaluate_command(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `layerwise train`.")],
+    data: Annotated[Path, typer.Argument(help="Labelled data: a class-folder tree or CSV manifest.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Metrics of a trained run on labelled data."""
+    from layerwise.bundle import load
+
+    metrics, problems = load(run).evaluate(data)
+    for problem in problems:
+        err_console.print(f"skipped {problem.origin}: {problem.reason}", highlight=False, markup=False)
+    if as_json:
+        print(json.dumps(metrics | {"skipped": len(problems)}))
+        return
+    for name, value in metrics.items():
+        out_console.print(f"{name:>14}: {value:.4f}" if isinstance(value, float) else f"{name:>14}: {value}")
+
+
+@app.command("predict")
+@exits_cleanly
+def predict_command(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `layerwise train`.")],
+    inputs: Annotated[list[Path], typer.Argument(help="Files, or folders searched recursively.")],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="How many classes to list per input.")] = 3,
+) -> None:
+    """Predict the class of each input file. Undecodable inputs are reported and make the exit code 2."""
+    from layerwise.bundle import load
+
+    predictions, problems = load(run).predict(inputs, k=top_k)
+    for prediction in predictions:
+        if as_json:
+            print(json.dumps(prediction.to_json()))
+        else:
+            others = ", ".join(f"{label} {p:.2f}" for label, p in prediction.top_k[1:])
+            print(f"{prediction.path}\t{prediction.label}\t{prediction.confidence:.3f}\t{others}")
+    for problem in problems:
+        if as_json:
+            print(json.dumps({"path": problem.origin, "error": problem.reason}))
+        err_console.print(f"error: {problem.origin}: {problem.reason}", highlight=False, markup=False)
+    if problems:
+        raise typer.Exit(2)
+
+
+@app.command("demo")
+@exits_cleanly
+def demo_command(
+    out: Annotated[Path | None, typer.Option("--out", help="Run directory (default: runs/demo-<time>).")] = None,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Where the PNG folders are prepared (default: ~/.cache/layerwise).")] = None,
+    time_budget: Annotated[float, typer.Option("--time-budget", help="Training seconds.")] = 420.0,
+    download: Annotated[bool, typer.Option(help="Download Fashion-MNIST with torchvision if the Debian package is absent.")] = False,
+) -> None:
+    """Train on the built-in Fashion-MNIST (70,000 real images as PNG files) and print the test accuracy."""
+    from layerwise.demo import run_demo
+
+    run_demo(out=out, data_dir=data_dir, time_budget=time_budget, download=download)
+
+
+@app.command("models")
+def models_command(modality: Annotated[str | None, typer.Option(help="Only models for this modality.")] = None) -> None:
+    """List the registered models."""
+    from layerwise.models.registry import list_models, model_entry
+
+    for name in list_models(modality):
+        print(f"{name}\t{', '.join(model_entry(name).modalities)}")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    sys.exit(app())

@@ -1,0 +1,48 @@
+"""The modality front end contract, and choosing one from the data."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from layerwise.data.audio import AudioFrontEnd
+from layerwise.data.image import ImageFrontEnd
+from layerwise.data.sources import Example, Problem
+from layerwise.data.text import TextFrontEnd
+
+
+class FrontEnd(Protocol):
+    """Raw files -> cached tensors -> model inputs. One implementation per modality."""
+
+    modality: str
+
+    @property
+    def model_inputs(self) -> dict: ...  # what a backbone needs: in_channels, or vocab_size + max_len
+
+    def to_json(self) -> dict: ...
+
+    def decode_all(self, examples: list[Example]) -> tuple[torch.Tensor, list[int], list[Problem]]: ...
+
+    def fit_statistics(self, train_inputs: torch.Tensor) -> None: ...
+
+    def model_input(self, batch: torch.Tensor) -> torch.Tensor: ...
+
+    def augment(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor: ...
+
+    def baseline_features(self, inputs: torch.Tensor) -> np.ndarray: ...
+
+    def preview(self, item: torch.Tensor) -> bytes | str: ...
+
+
+FRONT_ENDS = {"image": ImageFrontEnd, "audio": AudioFrontEnd, "text": TextFrontEnd}
+
+
+def fit_frontend(modality: str, train_examples: list[Example]) -> FrontEnd:
+    """Choose preprocessing (size, clip length, tokenizer) from the training examples."""
+    return FRONT_ENDS[modality].fit(train_examples)
+
+
+def frontend_from_json(config: dict) -> FrontEnd:
+    return FRONT_ENDS[config["modality"]].from_json(config)

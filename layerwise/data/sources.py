@@ -1,0 +1,208 @@
+"""Discover labelled examples on disk: a folder of class folders, or a CSV manifest.
+
+Nothing here decodes media; that is the modality front end's job. Every file or CSV row that
+cannot be used becomes a `Problem` naming it, so nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from layerwise.errors import InputError
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg"})
+TEXT_EXTENSIONS = frozenset({".txt"})
+MODALITIES = ("image", "audio", "text")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One input: a file (`path`) or an inline text (`text`), with its label when known."""
+
+    origin: str  # what a person reads in a message: the file path or "data.csv line 7"
+    label: str | None
+    path: Path | None = None
+    text: str | None = None
+
+
+@dataclass(frozen=True)
+class Problem:
+    """An input that was skipped, and why."""
+
+    origin: str
+    reason: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"path": self.origin, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class Source:
+    """What was found under DATA: usable-looking examples, skipped items and the modality."""
+
+    examples: list[Example]
+    problems: list[Problem]
+    modality: str
+    root: Path
+    class_names: list[str]  # every class named in the data, even one whose files all fail
+
+    @property
+    def labels(self) -> list[str]:
+        return [ex.label for ex in self.examples]
+
+
+def modality_of_extension(suffix: str) -> str | None:
+    suffix = suffix.lower()
+    if suffix in IMAGE_EXTENSIONS:
+        return "image"
+    if suffix in AUDIO_EXTENSIONS:
+        return "audio"
+    if suffix in TEXT_EXTENSIONS:
+        return "text"
+    return None
+
+
+def discover(data: str | Path, modality: str | None = None, labelled: bool = True) -> Source:
+    """Find examples under `data` (a class-folder tree or a CSV manifest).
+
+    `labelled=False` accepts a plain folder or list of files for prediction.
+    Raises InputError when `data` cannot be read at all.
+    """
+    if modality is not None and modality not in MODALITIES:
+        raise InputError(f"--modality must be one of {', '.join(MODALITIES)}, not {modality!r}")
+    root = Path(data)
+    if not root.exists():
+        raise InputError(f"{root}: no such file or directory")
+    if root.is_file() and root.suffix.lower() == ".csv":
+        examples, problems = _read_manifest(root, labelled)
+    elif root.is_dir():
+        examples, problems = _read_class_folders(root, labelled)
+    elif root.is_file() and not labelled:
+        examples, problems = [Example(origin=str(root), label=None, path=root)], []
+    else:
+        raise InputError(f"{root}: expected a folder of class folders or a .csv manifest")
+    return _settle_modality(examples, problems, modality, root)
+
+
+def discover_files(paths: list[Path], modality: str | None = None) -> Source:
+    """Unlabelled inputs for prediction: files, and folders searched recursively."""
+    examples: list[Example] = []
+    problems: list[Problem] = []
+    for path in paths:
+        if not path.exists():
+            raise InputError(f"{path}: no such file or directory")
+        found = discover(path, modality, labelled=False)
+        examples += found.examples
+        problems += found.problems
+    root = paths[0] if paths else Path(".")
+    return _settle_modality(examples, problems, modality, root)
+
+
+def _read_class_folders(root: Path, labelled: bool) -> tuple[list[Example], list[Problem]]:
+    examples: list[Example] = []
+    problems: list[Problem] = []
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if labelled and not class_dirs:
+        raise InputError(
+            f"{root}: no class folders found; expected one subfolder per class, "
+            f"e.g. {root}/cat/1.jpg, or a CSV manifest with a 'label' column"
+        )
+    if labelled:
+        for stray in sorted(p for p in root.iterdir() if p.is_file() and _visible(p)):
+            problems.append(Problem(str(stray), "file outside any class folder"))
+        for class_dir in class_dirs:
+            files = sorted(p for p in class_dir.rglob("*") if p.is_file() and _visible(p))
+            if not files:
+                raise InputError(f"{class_dir}: class folder '{class_dir.name}' is empty")
+            examples += [Example(str(p), class_dir.name, path=p) for p in files]
+    else:
+        files = sorted(p for p in root.rglob("*") if p.is_file() and _visible(p))
+        examples = [Example(str(p), None, path=p) for p in files]
+    return examples, problems
+
+
+def _visible(path: Path) -> bool:
+    # Hidden files (.DS_Store, editor swap files, our own markers) are not data.
+    return not any(part.startswith(".") for part in path.parts[-2:])
+
+
+def _read_manifest(csv_path: Path, labelled: bool) -> tuple[list[Example], list[Problem]]:
+    try:
+        text = csv_path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{csv_path}: not UTF-8 ({err.reason} at byte {err.start})") from err
+    reader = csv.DictReader(text.splitlines())
+    columns = [c.strip() for c in (reader.fieldnames or [])]
+    if labelled and "label" not in columns:
+        raise InputError(f"{csv_path}: no 'label' column (columns found: {', '.join(columns)})")
+    if "path" not in columns and "text" not in columns:
+        raise InputError(
+            f"{csv_path}: needs a 'path' column (files relative to the CSV) or a 'text' column "
+            f"(columns found: {', '.join(columns)})"
+        )
+    examples: list[Example] = []
+    problems: list[Problem] = []
+    for row_number, row in enumerate(reader, start=2):  # line 1 is the header
+        row = {(k or "").strip(): (v or "") for k, v in row.items()}
+        origin = f"{csv_path} line {row_number}"
+        label = row.get("label", "").strip() or None
+        if labelled and label is None:
+            problems.append(Problem(origin, "empty label"))
+            continue
+        if "path" in columns and row.get("path", "").strip():
+            path = (csv_path.parent / row["path"].strip()).resolve()
+            if not path.is_file():
+                problems.append(Problem(origin, f"file not found: {row['path'].strip()}"))
+                continue
+            examples.append(Example(f"{path} ({origin})", label, path=path))
+        elif "text" in columns:
+            if not row.get("text", "").strip():
+                problems.append(Problem(origin, "empty text"))
+                continue
+            examples.append(Example(origin, label, text=row["text"]))
+        else:
+            problems.append(Problem(origin, "empty path"))
+    return examples, problems
+
+
+def _settle_modality(
+    examples: list[Example], problems: list[Problem], modality: str | None, root: Path
+) -> Source:
+    """Pick the modality (majority of file types unless given) and skip files that do not fit."""
+    kinds = [("text" if ex.text is not None else modality_of_extension(ex.path.suffix)) for ex in examples]
+    if modality is None:
+        counts = Counter(k for k in kinds if k is not None)
+        if not counts:
+            raise InputError(
+                f"{root}: no usable files (images: {', '.join(sorted(IMAGE_EXTENSIONS))}; "
+                f"audio: {', '.join(sorted(AUDIO_EXTENSIONS))}; text: .txt or a CSV 'text' column)"
+            )
+        modality = counts.most_common(1)[0][0]
+    kept: list[Example] = []
+    for example, kind in zip(examples, kinds, strict=True):
+        if kind == modality:
+            kept.append(example)
+        elif kind is None:
+            problems.append(Problem(example.origin, f"unknown file type '{example.path.suffix}'"))
+        else:
+            problems.append(Problem(example.origin, f"{kind} file in a {modality} dataset"))
+    class_names = sorted({ex.label for ex in examples if ex.label is not None})
+    return Source(examples=kept, problems=problems, modality=modality, root=root, class_names=class_names)
+
+
+def check_trainable(labels: list[str], class_names_found: list[str], root: Path) -> None:
+    """Fail before training when what is left cannot train."""
+    counts = Counter(labels)
+    missing = [name for name in class_names_found if counts[name] == 0]
+    if missing:
+        raise InputError(
+            f"{root}: class {', '.join(repr(m) for m in missing)} has no usable examples "
+            "(see the skipped files listed above)"
+        )
+    if len(counts) < 2:
+        only = f" (only {next(iter(counts))!r})" if counts else ""
+        raise InputError(f"{root}: need at least 2 classes with usable examples{only}")

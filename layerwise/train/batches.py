@@ -1,0 +1,57 @@
+"""Seeded mini-batches from tensors held in memory.
+
+The order and augmentation of epoch `e`, batch `i` depend only on (seed, e, i), so a resumed run
+sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+ToModelInput = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _generator(*keys: int) -> torch.Generator:
+    seed = 0
+    for key in keys:  # a simple, stable mix of the keys into one 63-bit seed
+        seed = (seed * 1_000_003 + key + 1) % (2**63 - 1)
+    return torch.Generator().manual_seed(seed)
+
+
+class TensorBatches:
+    """Batches of (model input, label) from cached inputs (N, ...) and labels (N,)."""
+
+    def __init__(
+        self,
+        inputs: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        to_model_input: ToModelInput,
+        augment: Augment | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self.inputs, self.labels = inputs, labels
+        self.batch_size = batch_size
+        self.to_model_input, self.augment = to_model_input, augment
+        self.shuffle, self.seed = shuffle, seed
+        # Training drops a ragged last batch (BatchNorm dislikes tiny batches); evaluation keeps all.
+        self.drop_last = shuffle and len(labels) >= 2 * batch_size
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield batches `start`, `start+1`, ... of epoch `epoch`."""
+        n = len(self.labels)
+        order = torch.randperm(n, generator=_generator(self.seed, epoch)) if self.shuffle else torch.arange(n)
+        for i in range(start, len(self)):
+            index = order[i * self.batch_size : (i + 1) * self.batch_size]
+            raw = self.inputs[index]
+            if self.augment is not None:
+                raw = self.augment(raw, _generator(self.seed, epoch, i))
+            yield self.to_model_input(raw), self.labels[index]

@@ -1,0 +1,116 @@
+"""Resumable training state, written atomically, without pickle.
+
+A checkpoint is a folder `checkpoints/step_000123/` holding `tensors.safetensors` (weights, optimizer
+moments, RNG state) and `state.json` (everything else, plus the sha256 of the tensor file). It is
+written into a temporary folder, fsynced, then renamed, so a kill mid-write never leaves a
+checkpoint that looks complete; a damaged one fails its checksum and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+KEEP_LAST = 2  # checkpoints kept besides the newest one being written
+STATE_FILE, TENSOR_FILE = "state.json", "tensors.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint, or one that does not fit the model."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    state: dict  # epoch, step_in_epoch, global_step, best, history, param_groups, ...
+    tensors: dict[str, torch.Tensor]
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def training_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Model weights, optimizer moments and the torch RNG state as flat named tensors."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).cpu().contiguous()
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    return tensors
+
+
+def restore_training_tensors(checkpoint: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    tensors = checkpoint.tensors
+    model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
+    optim_state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, index, key = name.split(".", 2)
+            optim_state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": optim_state, "param_groups": checkpoint.state["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+
+
+def save_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], state: dict) -> Path:
+    """Write `directory/step_<global_step>/` atomically and prune old ones. Returns its path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"step_{state['global_step']:09d}"
+    staging = directory / f".tmp_{final.name}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    save_file(tensors, str(staging / TENSOR_FILE))
+    _fsync(staging / TENSOR_FILE)
+    state = {**state, "sha256": sha256(staging / TENSOR_FILE)}
+    (staging / STATE_FILE).write_text(json.dumps(state))
+    _fsync(staging / STATE_FILE)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)
+    _fsync(directory)
+    for old in list_checkpoints(directory)[: -(KEEP_LAST + 1)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.glob("step_*") if p.is_dir())
+
+
+def load_latest_checkpoint(directory: Path, warn=print) -> Checkpoint:
+    """The newest checkpoint whose checksum verifies; damaged ones are reported and skipped."""
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            state = json.loads((path / STATE_FILE).read_text())
+            if sha256(path / TENSOR_FILE) != state["sha256"]:
+                raise ValueError("checksum mismatch")
+            return Checkpoint(path, state, load_file(str(path / TENSOR_FILE)))
+        except (OSError, ValueError, KeyError) as err:
+            warn(f"checkpoint {path} is damaged ({err}); trying the previous one")
+    raise CheckpointError(f"{directory}: no usable checkpoint to resume from")

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Prepare a fresh machine: Debian packages with the offline data and tools, then .venv with layerwise.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(dataset-fashion-mnist espeak-ng fortunes fortunes-min)
+TORCH=(torch==2.14.1 torchvision==0.29.1)  # served from the local wheel cache on our machines
+
+missing=()
+for package in "${APT_PACKAGES[@]}"; do
+  dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+done
+if ((${#missing[@]})); then
+  sudo=""
+  [[ $(id -u) -ne 0 ]] && sudo="sudo"
+  echo "installing Debian packages: ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "layerwise needs Python >= 3.11" >&2; exit 1; }
+[[ -x .venv/bin/python ]] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -c 'import torch, torchvision' 2>/dev/null || .venv/bin/python -m pip install -q "${TORCH[@]}"
+.venv/bin/python -m pip install -q -e ".[dev]"
+touch .venv/.installed
+echo "setup done: .venv is ready"
