@@ -65,7 +65,9 @@ def fit(
     source = discover(data, modality)
     train_examples, val_examples = stratified_split(source.examples, val_fraction, seed)
     frontend = fit_frontend(source.modality, train_examples)
-    console.print(f"[bold]{source.root}[/]: {len(source.examples)} {source.modality} examples, {len(source.class_names)} classes")
+    console.print(
+        f"[bold]{source.root}[/]: {len(source.examples)} {source.modality} examples, {len(source.class_names)} classes"
+    )
     decode_started = time.perf_counter()
     train_inputs, kept, train_problems = frontend.decode_all(train_examples)
     train_examples = [train_examples[i] for i in kept]
@@ -101,11 +103,25 @@ def fit(
         write_json(run_dir / "config.json", run_config)
         write_json(run_dir / "problems.json", {"skipped": [p.to_json() for p in problems]})
     n_params = sum(p.numel() for p in network.parameters())
-    console.print(f"model [bold]{model_name}[/] ({n_params:,} parameters), {len(train_examples)} train / {len(val_examples)} validation, batch {batch}")
+    console.print(
+        f"model [bold]{model_name}[/] ({n_params:,} parameters), "
+        f"{len(train_examples)} train / {len(val_examples)} validation, batch {batch}"
+    )
 
-    train_batches = TensorBatches(train_inputs, train_labels, batch, frontend.model_input, frontend.augment, shuffle=True, seed=seed)
+    train_batches = TensorBatches(
+        train_inputs, train_labels, batch, frontend.model_input, frontend.augment, shuffle=True, seed=seed
+    )
     val_batches = TensorBatches(val_inputs, val_labels, 512, frontend.model_input)
-    result = train(network, train_batches, val_batches, config, out_dir=run_dir, resume=resume, show_progress=show_progress, log=console.print)
+    result = train(
+        network,
+        train_batches,
+        val_batches,
+        config,
+        out_dir=run_dir,
+        resume=resume,
+        show_progress=show_progress,
+        log=console.print,
+    )
     bundle = Model(network, frontend, class_names, run_config)
 
     val_logits, _ = predict_logits(network, val_batches)
@@ -117,7 +133,8 @@ def fit(
         "verdict": verdict(metrics["accuracy"], baseline.get("accuracy")),
         "split": f"validation: {val_fraction:.0%} of the data, stratified, seed {seed} (also used for early stopping)",
         "model": model_name, "parameters": n_params, "epochs_run": len(result.history), "best_epoch": result.best_epoch,
-        "stop_reason": result.stop_reason, "train_seconds": round(result.seconds, 1), "decode_seconds": round(decode_seconds, 1),
+        "stop_reason": result.stop_reason, "train_seconds": round(result.seconds, 1),
+        "decode_seconds": round(decode_seconds, 1),
         "total_seconds": round(time.perf_counter() - started, 1), "n_skipped": len(problems),
         "device": str(next(network.parameters()).device), "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
     }  # fmt: skip
@@ -167,7 +184,7 @@ def report_problems(problems: list[Problem], shown: int = 20) -> None:
         return
     console.print(f"[yellow]skipped {len(problems)} unusable input(s):[/]")
     for problem in problems[:shown]:
-        console.print(f"  {problem.origin}: {problem.reason}", markup=False, highlight=False)
+        console.print(f"  {problem.origin}: {problem.reason}", markup=False, highlight=False, soft_wrap=True)
     if len(problems) > shown:
         console.print(f"  ... and {len(problems) - shown} more (all listed in problems.json)")
 
@@ -185,10 +202,13 @@ def model_overrides(model_name: str, modality: str, frontend: FrontEnd) -> dict:
     """Builder arguments the data decides: input channels / vocabulary, and the stem stride."""
     entry = model_entry(model_name)
     if modality not in entry.modalities:
-        raise InputError(f"--model {model_name} does not take {modality} input (it takes {', '.join(entry.modalities)})")
+        raise InputError(
+            f"--model {model_name} does not take {modality} input (it takes {', '.join(entry.modalities)})"
+        )
     config = dict(frontend.model_inputs)
     if model_name.startswith("resnet"):
-        large = (modality == "image" and frontend.prep.side > 64) or (modality == "audio" and frontend.prep.n_frames > 200)
+        # Spectrograms (64 bands x 100 frames a second) and large images are downsampled early.
+        large = modality == "audio" or frontend.prep.side > 64
         config["stem_stride"] = 2 if large else 1
     return config
 
@@ -220,7 +240,9 @@ def run_baseline(frontend: FrontEnd, train_inputs, train_labels, val_inputs, val
     )
 
 
-def write_run_report(run_dir, bundle, summary, result: TrainResult, val_logits, val_labels, val_inputs, val_examples, problems) -> None:
+def write_run_report(
+    run_dir, bundle, summary, result: TrainResult, val_logits, val_labels, val_inputs, val_examples, problems
+) -> None:
     from layerwise.report import Example as ReportExample
     from layerwise.report import ReportData, write_report
 
@@ -244,8 +266,13 @@ def write_run_report(run_dir, bundle, summary, result: TrainResult, val_logits, 
     data = ReportData(
         title=f"layerwise run: {Path(config['data']['source']).name}",
         summary={
-            "task": config["task"], "modality": config["modality"], "model": f"{summary['model']} ({summary['parameters']:,} parameters)",
-            "data": config["data"]["source"], "examples": f"{config['data']['n_train']} train, {config['data']['n_val']} validation, {len(problems)} skipped",
+            "task": config["task"],
+            "modality": config["modality"],
+            "model": f"{summary['model']} ({summary['parameters']:,} parameters)",
+            "data": config["data"]["source"],
+            "examples": (
+                f"{config['data']['n_train']} train, {config['data']['n_val']} validation, {len(problems)} skipped"
+            ),
             "epochs": f"{summary['epochs_run']} (best: {summary['best_epoch']}); {summary['stop_reason']}",
             "training time": f"{summary['train_seconds']} s on {summary['device']} ({summary['machine']})",
             "layerwise": config["layerwise_version"],
@@ -260,4 +287,3 @@ def write_run_report(run_dir, bundle, summary, result: TrainResult, val_logits, 
         problems=[p.to_json() for p in problems],
     )
     write_report(run_dir / "report.html", data)
-

@@ -59,4 +59,7 @@ def verdict(deep_accuracy: float, baseline_accuracy: float | None) -> str:
         )
     if gap < 1:
         return f"The deep model is only {gap:.1f} points ahead of the classical baseline; the simpler model may do."
-    return f"The deep model beats the classical baseline by {gap:.1f} points ({deep_accuracy:.1%} vs {baseline_accuracy:.1%})."
+    return (
+        f"The deep model beats the classical baseline by {gap:.1f} points "
+        f"({deep_accuracy:.1%} vs {baseline_accuracy:.1%})."
+    )

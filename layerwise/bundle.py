@@ -60,7 +60,9 @@ class Model:
 
     def logits(self, inputs: torch.Tensor) -> torch.Tensor:
         """Cached front-end tensors (N, ...) -> logits (N, classes)."""
-        batches = TensorBatches(inputs, torch.zeros(len(inputs), dtype=torch.int64), PREDICT_BATCH, self.frontend.model_input)
+        batches = TensorBatches(
+            inputs, torch.zeros(len(inputs), dtype=torch.int64), PREDICT_BATCH, self.frontend.model_input
+        )
         return predict_logits(self.network, batches)[0]
 
     def predict(self, inputs: list[str | Path], k: int = 3) -> tuple[list[Prediction], list[Problem]]:

@@ -13,11 +13,16 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from layerwise.errors import InputError
 
-app = typer.Typer(help="layerwise: raw images, audio and text in; a trained deep network you can trust out.", no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="layerwise: raw images, audio and text in; a trained deep network you can trust out.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 err_console = Console(stderr=True)
 out_console = Console()
 
@@ -32,13 +37,15 @@ def exits_cleanly(command):
         try:
             return command(*args, **kwargs)
         except InputError as err:
-            err_console.print(f"[red]error:[/] {err}", highlight=False)
+            err_console.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except TrainingInterrupted as err:
-            err_console.print(f"[yellow]interrupted:[/] {err}; continue with --resume", highlight=False)
+            err_console.print(
+                f"[yellow]interrupted:[/] {escape(str(err))}; continue with --resume", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(130) from None
         except TrainingDiverged as err:
-            err_console.print(f"[red]training diverged:[/] {err}", highlight=False)
+            err_console.print(f"[red]training diverged:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -61,19 +68,34 @@ def print_summary(summary: dict, run_dir: Path | None) -> None:
 @app.command("train")
 @exits_cleanly
 def train_command(
-    data: Annotated[Path, typer.Argument(help="Folder with one subfolder per class, or a CSV manifest (label + path or text).")],
+    data: Annotated[
+        Path, typer.Argument(help="Folder with one subfolder per class, or a CSV manifest (label + path or text).")
+    ],
     out: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
     task: Annotated[str, typer.Option(help="What to learn.")] = "classify",
-    modality: Annotated[str | None, typer.Option(help="image, audio or text (default: detected from the files).")] = None,
-    model: Annotated[str | None, typer.Option(help="Registered model name (default: chosen from the data); see `layerwise models`.")] = None,
+    modality: Annotated[
+        str | None, typer.Option(help="image, audio or text (default: detected from the files).")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Registered model name (default: chosen from the data); see `layerwise models`.")
+    ] = None,
     epochs: Annotated[int, typer.Option(help="Maximum epochs (early stopping may end sooner).")] = 30,
-    time_budget: Annotated[float | None, typer.Option("--time-budget", help="Stop cleanly after SEC seconds of training, keeping the best model.")] = None,
+    time_budget: Annotated[
+        float | None,
+        typer.Option("--time-budget", help="Stop cleanly after SEC seconds of training, keeping the best model."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed for the split, initialisation, order and augmentation.")] = 0,
-    val_fraction: Annotated[float, typer.Option("--val-fraction", help="Fraction of each class held out for validation.")] = 0.1,
+    val_fraction: Annotated[
+        float, typer.Option("--val-fraction", help="Fraction of each class held out for validation.")
+    ] = 0.1,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Default: chosen from the data size.")] = None,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warmup + cosine).")] = 3e-3,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
-    init: Annotated[Path | None, typer.Option("--init", help="Start from the weights of another run (transfer learning).")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")
+    ] = False,
+    init: Annotated[
+        Path | None, typer.Option("--init", help="Start from the weights of another run (transfer learning).")
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show the live progress bar.")] = True,
 ) -> None:
     """Train a deep network on raw files and write the run directory."""
@@ -98,7 +120,7 @@ def evaluate_command(
 
     metrics, problems = load(run).evaluate(data)
     for problem in problems:
-        err_console.print(f"skipped {problem.origin}: {problem.reason}", highlight=False, markup=False)
+        err_console.print(f"skipped {problem.origin}: {problem.reason}", highlight=False, markup=False, soft_wrap=True)
     if as_json:
         print(json.dumps(metrics | {"skipped": len(problems)}))
         return
@@ -127,7 +149,7 @@ def predict_command(
     for problem in problems:
         if as_json:
             print(json.dumps({"path": problem.origin, "error": problem.reason}))
-        err_console.print(f"error: {problem.origin}: {problem.reason}", highlight=False, markup=False)
+        err_console.print(f"error: {problem.origin}: {problem.reason}", highlight=False, markup=False, soft_wrap=True)
     if problems:
         raise typer.Exit(2)
 
@@ -136,9 +158,14 @@ def predict_command(
 @exits_cleanly
 def demo_command(
     out: Annotated[Path | None, typer.Option("--out", help="Run directory (default: runs/demo-<time>).")] = None,
-    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Where the PNG folders are prepared (default: ~/.cache/layerwise).")] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--data-dir", help="Where the PNG folders are prepared (default: ~/.cache/layerwise)."),
+    ] = None,
     time_budget: Annotated[float, typer.Option("--time-budget", help="Training seconds.")] = 420.0,
-    download: Annotated[bool, typer.Option(help="Download Fashion-MNIST with torchvision if the Debian package is absent.")] = False,
+    download: Annotated[
+        bool, typer.Option(help="Download Fashion-MNIST with torchvision if the Debian package is absent.")
+    ] = False,
 ) -> None:
     """Train on the built-in Fashion-MNIST (70,000 real images as PNG files) and print the test accuracy."""
     from layerwise.demo import run_demo

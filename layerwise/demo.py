@@ -25,7 +25,9 @@ def default_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "layerwise"
 
 
-def run_demo(out: Path | None = None, data_dir: Path | None = None, time_budget: float = 420.0, download: bool = False) -> dict:
+def run_demo(
+    out: Path | None = None, data_dir: Path | None = None, time_budget: float = 420.0, download: bool = False
+) -> dict:
     """Prepare the data, train, evaluate on the official test set; returns the test metrics."""
     from layerwise.api import fit
 
@@ -46,7 +48,10 @@ def run_demo(out: Path | None = None, data_dir: Path | None = None, time_budget:
     write_json(out / "metrics.json", summary)
 
     console.print(f"\n[bold]Fashion-MNIST test accuracy: {metrics['accuracy']:.2%}[/] on {metrics['n']:,} test images")
-    console.print(f"classical baseline ({summary['baseline']['model']}): {summary['baseline']['accuracy']:.2%} on the validation split")
+    console.print(
+        f"classical baseline ({summary['baseline']['model']}): "
+        f"{summary['baseline']['accuracy']:.2%} on the validation split"
+    )
     console.print(summary["verdict"])
     console.print(f"wall time: {wall / 60:.1f} min ({wall:.0f} s) for data, training, baseline, evaluation and report")
     console.print(f"report: {out / 'report.html'}")

@@ -29,9 +29,7 @@ needs_fashion = pytest.mark.skipif(
     not (FASHION_MNIST_DIR / "train-labels-idx1-ubyte.gz").is_file(),
     reason="needs 'sudo apt-get install dataset-fashion-mnist'",
 )
-needs_espeak = pytest.mark.skipif(
-    shutil.which("espeak-ng") is None, reason="needs 'sudo apt-get install espeak-ng'"
-)
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs 'sudo apt-get install espeak-ng'")
 needs_fortunes = pytest.mark.skipif(
     not FORTUNES_DIR.is_dir(), reason="needs 'sudo apt-get install fortunes fortunes-min'"
 )

@@ -212,9 +212,7 @@ def test_many_classes_and_extra_sections():
     names = [f"class ${i}$" for i in range(n)]  # '$' must not trip matplotlib mathtext
     confusion = [[10 if i == j else 1 for j in range(n)] for i in range(n)]
     extra = [("Shift <check>", "<p id='extra'>trusted fragment</p>")]
-    page = render_report(
-        make_data(class_names=names, confusion=confusion, metrics={}, extra_sections=extra)
-    )
+    page = render_report(make_data(class_names=names, confusion=confusion, metrics={}, extra_sections=extra))
     assert page.count("class $29$") == 1  # per-class table row
     assert "<h2>Shift &lt;check&gt;</h2>" in page and "<p id='extra'>trusted fragment</p>" in page
     assert page.index("trusted fragment") > page.index('id="problems"')

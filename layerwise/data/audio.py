@@ -26,6 +26,7 @@ HOP_LENGTH = 160  # 10 ms hop
 N_MELS = 64
 MIN_SECONDS, MAX_SECONDS = 0.5, 10.0  # clip length chosen from the data within these bounds
 STFT_BATCH = 256
+READ_MARGIN_SECONDS = 0.1  # read this much past the clip so resampling has no edge effect inside it
 TIME_MASK_FRACTION = 0.15  # SpecAugment: mask up to 15% of frames ...
 FREQ_MASK_BANDS = 8  # ... and up to 8 mel bands
 
@@ -67,10 +68,18 @@ def choose_seconds(paths: list[Path], sample: int = 256) -> float:
 
 def load_waveform(path: Path, prep: AudioPreprocessing) -> np.ndarray:
     """Read, mix to mono, resample, and pad/crop to float32 (n_samples,). Raises DecodeError."""
-    if path.stat().st_size == 0:
+    try:
+        size = path.stat().st_size
+    except OSError as err:  # deleted or unreadable since discovery: skip it, like a corrupt file
+        raise DecodeError(f"cannot read: {err.strerror}") from err
+    if size == 0:
         raise DecodeError("empty file (0 bytes)")
     try:
-        audio, rate = soundfile.read(str(path), dtype="float32", always_2d=True)  # (T, channels)
+        with soundfile.SoundFile(str(path)) as file:
+            rate = file.samplerate
+            # Only the start of the file is kept: do not read (and resample) an hour-long recording.
+            n_read = math.ceil((prep.seconds + READ_MARGIN_SECONDS) * rate)
+            audio = file.read(n_read, dtype="float32", always_2d=True)  # (T, channels)
     except (RuntimeError, soundfile.LibsndfileError, TypeError) as err:
         raise DecodeError(f"not a readable audio file: {err}") from err
     if audio.shape[0] == 0:
@@ -96,7 +105,7 @@ def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int) -> torch.Tensor:
     def mel_to_hz(mel: np.ndarray) -> np.ndarray:
         return 700.0 * (10 ** (mel / 2595.0) - 1.0)
 
-    fft_hz = np.linspace(0, sample_rate / 2, n_fft // 2 + 1)
+    fft_hz = np.fft.rfftfreq(n_fft, 1 / sample_rate)  # centre of each STFT bin, (n_fft // 2 + 1,)
     edges = mel_to_hz(np.linspace(hz_to_mel(np.array(0.0)), hz_to_mel(np.array(sample_rate / 2)), n_mels + 2))
     lower, center, upper = edges[:-2, None], edges[1:-1, None], edges[2:, None]
     rising = (fft_hz[None] - lower) / (center - lower)
@@ -164,7 +173,7 @@ class AudioFrontEnd:
         floor = batch.amin(dim=(1, 2, 3), keepdim=True)  # "silence" value used for padding and masks
         max_shift = max(1, n_frames // 10)
         shift = torch.randint(-max_shift, max_shift + 1, (b,), generator=generator)
-        frame_index = (torch.arange(n_frames)[None] - shift[:, None])  # (B, frames)
+        frame_index = torch.arange(n_frames)[None] - shift[:, None]  # (B, frames)
         valid = (frame_index >= 0) & (frame_index < n_frames)
         gathered = batch.gather(3, frame_index.clamp(0, n_frames - 1)[:, None, None, :].expand(b, 1, n_mels, -1))
         out = torch.where(valid[:, None, None, :], gathered, floor)

@@ -62,9 +62,7 @@ def _is_complete(folder: Path, identity: dict[str, Any]) -> bool:
     return all(marker.get(key) == value for key, value in _identity(identity).items())
 
 
-def _build_folder(
-    final: Path, identity: dict[str, Any], write: Callable[[Path], dict[str, Any]]
-) -> None:
+def _build_folder(final: Path, identity: dict[str, Any], write: Callable[[Path], dict[str, Any]]) -> None:
     """Run ``write(staging)`` in a hidden sibling folder, then rename it to ``final``.
 
     ``write`` returns extra fields (counts, clip settings) stored in the marker next to
@@ -181,9 +179,7 @@ def prepare_fashion_mnist(
     def write(staging: Path) -> dict[str, Any]:
         for name in FASHION_MNIST_CLASSES:
             (staging / name).mkdir()
-        paths = [
-            str(staging / FASHION_MNIST_CLASSES[labels[i]] / f"{split}_{i:05d}.png") for i in keep
-        ]
+        paths = [str(staging / FASHION_MNIST_CLASSES[labels[i]] / f"{split}_{i:05d}.png") for i in keep]
         _write_pngs(images[keep], paths)
         counts = np.bincount(labels[keep], minlength=len(FASHION_MNIST_CLASSES))
         return {
@@ -195,9 +191,7 @@ def prepare_fashion_mnist(
     return final
 
 
-def _load_fashion_mnist(
-    source_dir: Path, split: str, download: bool, cache_dir: Path
-) -> tuple[np.ndarray, np.ndarray]:
+def _load_fashion_mnist(source_dir: Path, split: str, download: bool, cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """Return (images (N, 28, 28) uint8, labels (N,) uint8) for one split."""
     image_name, label_name = FASHION_MNIST_FILES[split]
     image_path, label_path = source_dir / image_name, source_dir / label_name
@@ -208,9 +202,7 @@ def _load_fashion_mnist(
         images, labels = _download_fashion_mnist(split, cache_dir)
     else:
         missing = [str(p) for p in (image_path, label_path) if not p.is_file()]
-        raise DatasetUnavailable(
-            f"Fashion-MNIST files not found: {', '.join(missing)}; {FASHION_MNIST_INSTALL_HINT}"
-        )
+        raise DatasetUnavailable(f"Fashion-MNIST files not found: {', '.join(missing)}; {FASHION_MNIST_INSTALL_HINT}")
     if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) or len(images) != len(labels):
         raise ValueError(
             f"Fashion-MNIST {split} files in {source_dir} disagree: images {images.shape}, "
@@ -236,14 +228,11 @@ def read_idx(path: Path, expected_magic: int) -> np.ndarray:
     if magic != expected_magic:
         found = "nothing" if magic is None else f"0x{magic:08x}"
         raise ValueError(
-            f"{path} is not the expected IDX file: magic number {found}, "
-            f"expected 0x{expected_magic:08x}; {_REINSTALL}"
+            f"{path} is not the expected IDX file: magic number {found}, expected 0x{expected_magic:08x}; {_REINSTALL}"
         )
     ndim = expected_magic & 0xFF
     header = 4 + 4 * ndim
-    shape = tuple(
-        int.from_bytes(data[4 + 4 * d : 8 + 4 * d], "big") for d in range(ndim)
-    )  # big-endian uint32 sizes
+    shape = tuple(int.from_bytes(data[4 + 4 * d : 8 + 4 * d], "big") for d in range(ndim))  # big-endian uint32 sizes
     if len(data) != header + int(np.prod(shape)):
         raise ValueError(
             f"{path} is truncated or corrupt: header says shape {shape} "
@@ -383,8 +372,7 @@ def synthesize_spoken_digits(
     binary = shutil.which(espeak_binary)
     if binary is None:
         raise DatasetUnavailable(
-            f"{espeak_binary!r} was not found on PATH; install it with "
-            "'sudo apt-get install espeak-ng'"
+            f"{espeak_binary!r} was not found on PATH; install it with 'sudo apt-get install espeak-ng'"
         )
 
     plan = {
@@ -445,13 +433,9 @@ def _run_espeak(job: tuple[str, EspeakClip, Path]) -> None:
         str(clip.pitch),
     ]
     # The word goes on stdin so a word can never be read as a command-line option.
-    result = subprocess.run(
-        command, input=clip.word, capture_output=True, text=True, timeout=ESPEAK_TIMEOUT_S
-    )
+    result = subprocess.run(command, input=clip.word, capture_output=True, text=True, timeout=ESPEAK_TIMEOUT_S)
     if result.returncode != 0 or not path.is_file() or path.stat().st_size == 0:
-        raise RuntimeError(
-            f"espeak-ng failed for {clip} (exit {result.returncode}): {result.stderr.strip()}"
-        )
+        raise RuntimeError(f"espeak-ng failed for {clip} (exit {result.returncode}): {result.stderr.strip()}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,10 +472,7 @@ def prepare_fortunes(
     if len(set(topics)) != len(topics) or not topics:
         raise ValueError(f"topics must be distinct and non-empty, got {topics}")
     out_dir = Path(out_dir)
-    quotes = {
-        topic: _sample(read_fortunes(fortunes_dir, topic), per_class, f"{seed}/{topic}")
-        for topic in topics
-    }
+    quotes = {topic: _sample(read_fortunes(fortunes_dir, topic), per_class, f"{seed}/{topic}") for topic in topics}
     if layout == "csv":
         return _write_fortunes_csv(out_dir / FORTUNES_CSV_NAME, quotes)
 
@@ -527,11 +508,7 @@ def read_fortunes(fortunes_dir: Path, topic: str) -> list[str]:
     _check_folder_name(topic, "topic")
     path = fortunes_dir / topic
     if not path.is_file():
-        available = sorted(
-            p.name
-            for p in fortunes_dir.iterdir()
-            if p.is_file() and p.suffix not in (".dat", ".u8")
-        )
+        available = sorted(p.name for p in fortunes_dir.iterdir() if p.is_file() and p.suffix not in (".dat", ".u8"))
         raise ValueError(f"no fortune topic {topic!r} in {fortunes_dir}; available: {available}")
     text = path.read_bytes().decode("utf-8", errors="replace").replace("\r\n", "\n")
     # Pad with newlines so a "%" on the very first or last line still splits.

@@ -7,10 +7,10 @@ epoch only pays for indexing and the batched augmentation below.
 from __future__ import annotations
 
 import io
-import statistics
-import warnings
 import multiprocessing
 import os
+import statistics
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -26,6 +26,12 @@ DECODE_CHUNK = 4096  # files per worker task
 SIZE_SAMPLE = 256  # images whose headers are read to choose size and channels
 CROP_PADDING_FRACTION = 0.1  # random translation of up to 10% of the side
 Image.MAX_IMAGE_PIXELS = 20_000 * 20_000  # allow large photos; we reduce them on load
+# Errors meaning "this is not an image we will open", as opposed to a damaged one.
+NOT_AN_IMAGE = (
+    UnidentifiedImageError,
+    Image.DecompressionBombWarning,
+    Image.DecompressionBombError,
+)
 
 
 @dataclass(frozen=True)
@@ -49,7 +55,7 @@ def choose_preprocessing(paths: list[Path], hflip: bool = True) -> ImagePreproce
         try:
             with Image.open(path) as img:
                 sides.append(max(img.size))
-                grayscale &= img.mode in ("1", "L", "LA", "I", "I;16", "F")
+                grayscale &= img.mode in ("1", "L", "LA", "I", "F") or img.mode.startswith("I;16")
         except (OSError, UnidentifiedImageError, ValueError):
             continue  # reported by decode() later, by name
     side = int(statistics.median(sides)) if sides else 32
@@ -60,7 +66,11 @@ def choose_preprocessing(paths: list[Path], hflip: bool = True) -> ImagePreproce
 
 def decode(path: Path, prep: ImagePreprocessing) -> np.ndarray:
     """Decode one image file to uint8 (C, side, side). Raises DecodeError with a reason."""
-    if path.stat().st_size == 0:
+    try:
+        size = path.stat().st_size
+    except OSError as err:  # deleted or unreadable since discovery: skip it, like a corrupt file
+        raise DecodeError(f"cannot read: {err.strerror}") from err
+    if size == 0:
         raise DecodeError("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
@@ -68,10 +78,12 @@ def decode(path: Path, prep: ImagePreprocessing) -> np.ndarray:
             with Image.open(path) as img:
                 img.draft("RGB" if prep.channels == 3 else "L", (prep.side, prep.side))  # fast JPEG downscale
                 img = _flatten_alpha(img)
-                img = img.convert("L" if prep.channels == 1 else "RGB")
+                target = "L" if prep.channels == 1 else "RGB"
+                if img.mode != target:  # convert() copies even when the mode is the same
+                    img = img.convert(target)
                 img = img.resize((prep.side, prep.side), Image.Resampling.BILINEAR, reducing_gap=2.0)
                 array = np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, Image.DecompressionBombWarning) as err:
+    except NOT_AN_IMAGE as err:
         raise DecodeError(f"not a readable image ({type(err).__name__})") from err
     except (OSError, ValueError, SyntaxError) as err:
         raise DecodeError(f"corrupt image: {err}") from err
@@ -80,11 +92,15 @@ def decode(path: Path, prep: ImagePreprocessing) -> np.ndarray:
 
 def _flatten_alpha(img: Image.Image) -> Image.Image:
     """Composite transparent images over white, so transparent pixels do not become black."""
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    # P, L and RGB images can mark one colour transparent (GIF, PNG tRNS) instead of an alpha band.
+    keyed = img.mode in ("P", "L", "RGB") and "transparency" in img.info
+    if img.mode in ("RGBA", "LA", "PA") or keyed:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba)
-    if img.mode in ("I", "I;16", "F"):  # 16-bit / float grayscale: rescale to 8-bit
+    if img.mode.startswith("I;16"):  # 16-bit grayscale: the full range 0..65535 maps to 0..255
+        return Image.fromarray((np.asarray(img, dtype=np.float32) / 257).round().astype(np.uint8))
+    if img.mode in ("I", "F"):  # 32-bit int / float grayscale of unknown range: stretch to 8-bit
         array = np.asarray(img, dtype=np.float32)
         lo, hi = float(array.min()), float(array.max())
         return Image.fromarray(((array - lo) / max(hi - lo, 1e-6) * 255).astype(np.uint8))

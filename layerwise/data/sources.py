@@ -7,7 +7,9 @@ cannot be used becomes a `Problem` naming it, so nothing is dropped silently.
 from __future__ import annotations
 
 import csv
+import io
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,14 +80,16 @@ def discover(data: str | Path, modality: str | None = None, labelled: bool = Tru
     if not root.exists():
         raise InputError(f"{root}: no such file or directory")
     if root.is_file() and root.suffix.lower() == ".csv":
-        examples, problems = _read_manifest(root, labelled)
+        examples, problems, class_names = _read_manifest(root, labelled)
     elif root.is_dir():
         examples, problems = _read_class_folders(root, labelled)
+        class_names = {ex.label for ex in examples if ex.label is not None}
     elif root.is_file() and not labelled:
         examples, problems = [Example(origin=str(root), label=None, path=root)], []
+        class_names = set()
     else:
         raise InputError(f"{root}: expected a folder of class folders or a .csv manifest")
-    return _settle_modality(examples, problems, modality, root)
+    return _settle_modality(examples, problems, modality, root, class_names)
 
 
 def discover_files(paths: list[Path], modality: str | None = None) -> Source:
@@ -99,7 +103,7 @@ def discover_files(paths: list[Path], modality: str | None = None) -> Source:
         examples += found.examples
         problems += found.problems
     root = paths[0] if paths else Path(".")
-    return _settle_modality(examples, problems, modality, root)
+    return _settle_modality(examples, problems, modality, root, set())
 
 
 def _read_class_folders(root: Path, labelled: bool) -> tuple[list[Example], list[Problem]]:
@@ -112,30 +116,33 @@ def _read_class_folders(root: Path, labelled: bool) -> tuple[list[Example], list
             f"e.g. {root}/cat/1.jpg, or a CSV manifest with a 'label' column"
         )
     if labelled:
-        for stray in sorted(p for p in root.iterdir() if p.is_file() and _visible(p)):
+        for stray in sorted(p for p in root.iterdir() if p.is_file() and _visible(p, root)):
             problems.append(Problem(str(stray), "file outside any class folder"))
         for class_dir in class_dirs:
-            files = sorted(p for p in class_dir.rglob("*") if p.is_file() and _visible(p))
+            files = sorted(p for p in class_dir.rglob("*") if p.is_file() and _visible(p, root))
             if not files:
                 raise InputError(f"{class_dir}: class folder '{class_dir.name}' is empty")
             examples += [Example(str(p), class_dir.name, path=p) for p in files]
     else:
-        files = sorted(p for p in root.rglob("*") if p.is_file() and _visible(p))
+        files = sorted(p for p in root.rglob("*") if p.is_file() and _visible(p, root))
         examples = [Example(str(p), None, path=p) for p in files]
     return examples, problems
 
 
-def _visible(path: Path) -> bool:
-    # Hidden files (.DS_Store, editor swap files, our own markers) are not data.
-    return not any(part.startswith(".") for part in path.parts[-2:])
+def _visible(path: Path, root: Path) -> bool:
+    # Hidden files (.DS_Store, editor swap files, our own markers) are not data, nor is anything in
+    # a hidden folder at any depth below `root`; a hidden `root` itself is what the user asked for.
+    return not any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def _read_manifest(csv_path: Path, labelled: bool) -> tuple[list[Example], list[Problem]]:
+def _read_manifest(csv_path: Path, labelled: bool) -> tuple[list[Example], list[Problem], set[str]]:
+    """Examples and problems from a CSV manifest, and every label named in it (even on bad rows)."""
     try:
         text = csv_path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise InputError(f"{csv_path}: not UTF-8 ({err.reason} at byte {err.start})") from err
-    reader = csv.DictReader(text.splitlines())
+    # newline="" lets csv see quoted newlines; str.splitlines() would also split on U+2028, \f, ...
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     columns = [c.strip() for c in (reader.fieldnames or [])]
     if labelled and "label" not in columns:
         raise InputError(f"{csv_path}: no 'label' column (columns found: {', '.join(columns)})")
@@ -146,10 +153,14 @@ def _read_manifest(csv_path: Path, labelled: bool) -> tuple[list[Example], list[
         )
     examples: list[Example] = []
     problems: list[Problem] = []
-    for row_number, row in enumerate(reader, start=2):  # line 1 is the header
+    class_names: set[str] = set()
+    for row in _rows(reader, csv_path):
         row = {(k or "").strip(): (v or "") for k, v in row.items()}
-        origin = f"{csv_path} line {row_number}"
+        # line_num counts physical lines read (blank lines, quoted newlines): the row's last line.
+        origin = f"{csv_path} line {reader.line_num}"
         label = row.get("label", "").strip() or None
+        if label is not None:
+            class_names.add(label)
         if labelled and label is None:
             problems.append(Problem(origin, "empty label"))
             continue
@@ -166,11 +177,24 @@ def _read_manifest(csv_path: Path, labelled: bool) -> tuple[list[Example], list[
             examples.append(Example(origin, label, text=row["text"]))
         else:
             problems.append(Problem(origin, "empty path"))
-    return examples, problems
+    return examples, problems, class_names
+
+
+def _rows(reader: csv.DictReader, csv_path: Path) -> Iterator[dict]:
+    """The reader's rows; a malformed CSV (e.g. a field over the 128 KiB limit) is an InputError."""
+    try:
+        yield from reader
+    except csv.Error as err:
+        # line_num counts the lines fully read; the error is in the next one.
+        raise InputError(f"{csv_path} line {reader.line_num + 1}: malformed CSV ({err})") from err
 
 
 def _settle_modality(
-    examples: list[Example], problems: list[Problem], modality: str | None, root: Path
+    examples: list[Example],
+    problems: list[Problem],
+    modality: str | None,
+    root: Path,
+    class_names: set[str],
 ) -> Source:
     """Pick the modality (majority of file types unless given) and skip files that do not fit."""
     kinds = [("text" if ex.text is not None else modality_of_extension(ex.path.suffix)) for ex in examples]
@@ -189,9 +213,10 @@ def _settle_modality(
         elif kind is None:
             problems.append(Problem(example.origin, f"unknown file type '{example.path.suffix}'"))
         else:
-            problems.append(Problem(example.origin, f"{kind} file in a {modality} dataset"))
-    class_names = sorted({ex.label for ex in examples if ex.label is not None})
-    return Source(examples=kept, problems=problems, modality=modality, root=root, class_names=class_names)
+            article = "an" if modality[0] in "aeiou" else "a"
+            problems.append(Problem(example.origin, f"{kind} file in {article} {modality} dataset"))
+    found = sorted(class_names)
+    return Source(examples=kept, problems=problems, modality=modality, root=root, class_names=found)
 
 
 def check_trainable(labels: list[str], class_names_found: list[str], root: Path) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,7 +17,7 @@ PAD, UNK, CLS, MASK = "[PAD]", "[UNK]", "[CLS]", "[MASK]"
 SPECIAL_TOKENS = [PAD, UNK, CLS, MASK]  # ids 0..3 in this order
 PAD_ID, UNK_ID, CLS_ID, MASK_ID = 0, 1, 2, 3
 MAX_VOCAB = 8000
-MIN_LEN, MAX_LEN = 16, 256  # sequence length chosen from the data within these bounds
+MIN_LEN, MAX_LEN = 16, 128  # sequence length chosen from the data within these bounds
 TOKEN_MASK_PROBABILITY = 0.1  # augmentation: hide 10% of tokens behind [MASK]
 
 
@@ -30,7 +29,7 @@ def read_text(example: Example) -> str:
         raw = example.path.read_bytes()
         if not raw:
             raise DecodeError("empty file (0 bytes)")
-        text = raw.decode("utf-8", errors="replace")
+        text = raw.decode("utf-8-sig", errors="replace")  # a byte-order mark is not text
     if not text.strip():
         raise DecodeError("empty text")
     return text
@@ -41,7 +40,9 @@ def train_tokenizer(texts: list[str], vocab_size: int = MAX_VOCAB) -> Tokenizer:
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2, show_progress=False)
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2, show_progress=False
+    )
     tokenizer.train_from_iterator(texts, trainer)
     tokenizer.post_processor = processors.TemplateProcessing(single=f"{CLS} $A", special_tokens=[(CLS, CLS_ID)])
     return tokenizer

@@ -56,7 +56,9 @@ class ResNet(nn.Module):
         stages: OrderedDict[str, nn.Module] = OrderedDict(stem=nn.Sequential(*stem))
         in_width = widths[0]
         for i, (width, count) in enumerate(zip(widths, blocks, strict=True)):
-            layers = [BasicBlock(in_width if j == 0 else width, width, 2 if (j == 0 and i > 0) else 1) for j in range(count)]
+            layers = [
+                BasicBlock(in_width if j == 0 else width, width, 2 if (j == 0 and i > 0) else 1) for j in range(count)
+            ]
             stages[f"stage{i + 1}"] = nn.Sequential(*layers)
             in_width = width
         self.stages = nn.Sequential(stages)
@@ -78,7 +80,9 @@ class ResNet(nn.Module):
 
 @register_model("resnet_s", modalities=("image", "audio"))
 def resnet_s(in_channels: int, num_classes: int, stem_stride: int = 1, dropout: float = 0.0) -> ResNet:
-    return ResNet(in_channels, num_classes, widths=(32, 64, 128), blocks=(1, 1, 1), stem_stride=stem_stride, dropout=dropout)
+    return ResNet(
+        in_channels, num_classes, widths=(32, 64, 128), blocks=(1, 1, 1), stem_stride=stem_stride, dropout=dropout
+    )
 
 
 @register_model("resnet_m", modalities=("image", "audio"))
@@ -91,5 +95,10 @@ def resnet_m(in_channels: int, num_classes: int, stem_stride: int = 1, dropout: 
 @register_model("resnet18", modalities=("image", "audio"))
 def resnet18(in_channels: int, num_classes: int, stem_stride: int = 2, dropout: float = 0.0) -> ResNet:
     return ResNet(
-        in_channels, num_classes, widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2), stem_stride=stem_stride, dropout=dropout
+        in_channels,
+        num_classes,
+        widths=(64, 128, 256, 512),
+        blocks=(2, 2, 2, 2),
+        stem_stride=stem_stride,
+        dropout=dropout,
     )

@@ -31,7 +31,9 @@ class TransformerClassifier(nn.Module):
         super().__init__()
         self.embed = TokenEmbedding(vocab_size, dim, max_len, dropout)
         self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, activation="gelu", batch_first=True, norm_first=True)
+            nn.TransformerEncoderLayer(
+                dim, heads, 4 * dim, dropout, activation="gelu", batch_first=True, norm_first=True
+            )
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim)

@@ -83,8 +83,7 @@ class ReportData:
         if len(self.confusion) != n or any(len(row) != n for row in self.confusion):
             shape = f"{len(self.confusion)}x{len(self.confusion[0]) if self.confusion else 0}"
             raise ValueError(
-                f"confusion must be a square {n}x{n} matrix (one row and column per class "
-                f"name), got {shape}"
+                f"confusion must be a square {n}x{n} matrix (one row and column per class name), got {shape}"
             )
 
 
@@ -191,9 +190,7 @@ def training_curves_png(history: list[dict]) -> bytes | None:
         ("learning rate", [("lr", "lr")], 1.2),
     ]
     panels = [
-        (title, curves, width)
-        for title, curves, width in panels
-        if any(_series(history, key)[1] for key, _ in curves)
+        (title, curves, width) for title, curves, width in panels if any(_series(history, key)[1] for key, _ in curves)
     ]
     if not panels:
         return None
@@ -255,9 +252,7 @@ def confusion_png(class_names: list[str], confusion: list[list[int]]) -> bytes:
         for i in range(n):
             for j in range(n):
                 color = "white" if share[i, j] > 0.5 else "#222"
-                ax.text(
-                    j, i, str(cm[i, j]), ha="center", va="center", color=color, fontsize=fontsize
-                )
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", color=color, fontsize=fontsize)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     fig.tight_layout()
@@ -270,9 +265,7 @@ def confusion_png(class_names: list[str], confusion: list[list[int]]) -> bytes:
 def _summary_html(summary: dict[str, str]) -> str:
     if not summary:
         return ""
-    rows = "\n".join(
-        f"<tr><th>{_esc(key)}</th><td>{_esc(value)}</td></tr>" for key, value in summary.items()
-    )
+    rows = "\n".join(f"<tr><th>{_esc(key)}</th><td>{_esc(value)}</td></tr>" for key, value in summary.items())
     return f'<table class="summary">\n{rows}\n</table>'
 
 
@@ -299,9 +292,7 @@ def _outcome(deep: float | None, classical: float | None) -> tuple[str, str]:
 
 
 def _metrics_table(metrics: dict[str, float], baseline: dict) -> str:
-    keys = list(metrics) + [
-        k for k in baseline if k not in metrics and _number(baseline[k]) is not None
-    ]
+    keys = list(metrics) + [k for k in baseline if k not in metrics and _number(baseline[k]) is not None]
     if not keys:
         return ""
     rows = []
@@ -341,8 +332,7 @@ def _history_html(history: list[dict]) -> str:
     keys = list(dict.fromkeys(key for row in history for key in row))
     head = "".join(f"<th>{_esc(key)}</th>" for key in keys)
     rows = "\n".join(
-        "<tr>" + "".join(f"<td>{_fmt(row.get(key, ''))}</td>" for key in keys) + "</tr>"
-        for row in history
+        "<tr>" + "".join(f"<td>{_fmt(row.get(key, ''))}</td>" for key in keys) + "</tr>" for row in history
     )
     table = f"<table>\n<tr>{head}</tr>\n{rows}\n</table>"
     return (
@@ -412,8 +402,7 @@ def _problems_html(problems: list[dict]) -> str:
     if not problems:
         return '<p class="empty">None: every input was read.</p>'
     rows = "\n".join(
-        f'<tr><td class="path">{_esc(p.get("path", ""))}</td>'
-        f"<td>{_esc(p.get('reason', ''))}</td></tr>"
+        f'<tr><td class="path">{_esc(p.get("path", ""))}</td><td>{_esc(p.get("reason", ""))}</td></tr>'
         for p in problems[:MAX_PROBLEM_ROWS]
     )
     table = f"<table>\n<tr><th>path</th><th>reason</th></tr>\n{rows}\n</table>"
@@ -481,9 +470,7 @@ def render_report(data: ReportData) -> str:
     sections = [
         _section("Result", _headline_html(data), "result"),
         _section("Training curves", _history_html(data.history), "training"),
-        _section(
-            "Confusion matrix", _confusion_html(data.class_names, data.confusion), "confusion"
-        ),
+        _section("Confusion matrix", _confusion_html(data.class_names, data.confusion), "confusion"),
         _section("Per-class metrics", _per_class_html(data.class_names, data.confusion), "classes"),
         _section("Misclassified examples", _examples_html(data.examples), "examples"),
         _section("Skipped inputs", _problems_html(data.problems), "problems"),

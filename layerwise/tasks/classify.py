@@ -30,7 +30,12 @@ def decode(logits: torch.Tensor, class_names: list[str], origins: list[str], k: 
     probabilities = torch.softmax(logits.float(), dim=1)
     top_p, top_i = probabilities.topk(min(k, len(class_names)), dim=1)
     return [
-        Prediction(origin, class_names[int(i[0])], float(p[0]), [(class_names[int(j)], float(q)) for q, j in zip(p, i, strict=True)])
+        Prediction(
+            origin,
+            class_names[int(i[0])],
+            float(p[0]),
+            [(class_names[int(j)], float(q)) for q, j in zip(p, i, strict=True)],
+        )
         for origin, p, i in zip(origins, top_p, top_i, strict=True)
     ]
 

@@ -30,7 +30,7 @@ class CheckpointError(RuntimeError):
 @dataclass(frozen=True)
 class Checkpoint:
     path: Path
-    state: dict  # epoch, step_in_epoch, global_step, best, history, param_groups, ...
+    state: dict  # {"loop": LoopState fields, "param_groups": optimizer settings, "config": TrainConfig}
     tensors: dict[str, torch.Tensor]
 
 
@@ -50,12 +50,17 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU copy (safetensors needs contiguous; channels-last weights are not)."""
+    return torch.empty_like(tensor, device="cpu", memory_format=torch.contiguous_format).copy_(tensor.detach())
+
+
 def training_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """Model weights, optimizer moments and the torch RNG state as flat named tensors."""
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    """Copies of the model weights, optimizer moments and torch RNG state as flat named tensors."""
+    tensors = {f"model.{k}": cpu_copy(v) for k, v in model.state_dict().items()}
     for index, state in optimizer.state_dict()["state"].items():
         for key, value in state.items():
-            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).cpu().contiguous()
+            tensors[f"optim.{index}.{key}"] = cpu_copy(torch.as_tensor(value))
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -79,7 +84,7 @@ def restore_training_tensors(checkpoint: Checkpoint, model: nn.Module, optimizer
 def save_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], state: dict) -> Path:
     """Write `directory/step_<global_step>/` atomically and prune old ones. Returns its path."""
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"step_{state['global_step']:09d}"
+    final = directory / f"step_{state['loop']['global_step']:09d}"
     staging = directory / f".tmp_{final.name}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()

@@ -15,13 +15,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from safetensors.torch import load_file, save_file
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from layerwise.errors import InputError
 from layerwise.train.batches import TensorBatches
 from layerwise.train.checkpoint import (
+    Checkpoint,
+    cpu_copy,
     list_checkpoints,
     load_latest_checkpoint,
     restore_training_tensors,
@@ -29,8 +30,9 @@ from layerwise.train.checkpoint import (
     training_tensors,
 )
 
-MAX_BAD_STEPS = 20  # consecutive non-finite steps before giving up
-BEST_WEIGHTS = "best.safetensors"  # inside checkpoints/: the best weights so far
+MAX_BAD_STEPS = 5  # consecutive non-finite steps before rolling back to the last good state
+MAX_ROLLBACKS = 1  # roll-backs before giving up
+ROLLBACK_LR_FACTOR = 0.1
 
 
 @dataclass(frozen=True)
@@ -61,13 +63,32 @@ class TrainConfig:
 
 
 @dataclass
-class TrainResult:
-    history: list[dict] = field(default_factory=list)
+class LoopState:
+    """Where training stands; saved as JSON in every checkpoint, so a resumed run continues exactly."""
+
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # batches of the current epoch already trained on
+    global_step: int = 0
+    bad_epochs: int = 0  # epochs since the best validation accuracy
     best_epoch: int = -1
     best_accuracy: float = -1.0
-    stop_reason: str = "finished all epochs"
-    seconds: float = 0.0
-    global_step: int = 0
+    seconds: float = 0.0  # training wall time before this process
+    lr_scale: float = 1.0  # lowered after a roll-back from non-finite losses
+    rollbacks: int = 0
+    epoch_loss_sum: float = 0.0  # running sums of the current epoch, for history.jsonl
+    epoch_correct: int = 0
+    epoch_seen: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    history: list[dict]
+    best_epoch: int
+    best_accuracy: float
+    stop_reason: str
+    seconds: float
+    global_step: int
 
 
 class TrainingDiverged(RuntimeError):
@@ -179,8 +200,7 @@ def _progress(enabled: bool) -> Progress:
         BarColumn(),
         TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.3f}  {task.fields[rate]:.0f} ex/s"),
         TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
+        TextColumn("ETA {task.fields[eta]}"),
         disable=not enabled,
         transient=False,
     )
@@ -207,60 +227,60 @@ def train(
     channels_last = device.type == "cpu" and _has_conv(model)
     optimizer = make_optimizer(model, config)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    steps_per_epoch = len(train_batches)
-    total_steps = config.epochs * steps_per_epoch
+    total_steps = config.epochs * len(train_batches)
     checkpoint_dir = out_dir / "checkpoints" if out_dir else None
 
-    result = TrainResult()
-    epoch, step_in_epoch, bad_epochs, elapsed_before = 0, 0, 0, 0.0
-    best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = LoopState()
+    best_weights = _cpu_copy(model.state_dict())
     if resume:
         checkpoint = load_latest_checkpoint(checkpoint_dir, warn=log)
         restore_training_tensors(checkpoint, model, optimizer)
-        s = checkpoint.state
-        epoch, step_in_epoch, bad_epochs, elapsed_before = s["epoch"], s["step_in_epoch"], s["bad_epochs"], s["seconds"]
-        result = TrainResult(history=s["history"], best_epoch=s["best_epoch"], best_accuracy=s["best_accuracy"])
-        result.global_step = s["global_step"]
-        if (checkpoint_dir / BEST_WEIGHTS).exists():
-            best_weights = load_file(str(checkpoint_dir / BEST_WEIGHTS))
-        log(f"resuming from {checkpoint.path.name}: epoch {epoch + 1}, step {step_in_epoch}")
+        state = LoopState(**checkpoint.state["loop"])
+        best_weights = _prefixed(checkpoint.tensors, "best.")
+        log(f"resuming from {checkpoint.path.name}: epoch {state.epoch + 1}, step {state.step_in_epoch}")
     elif checkpoint_dir is not None and list_checkpoints(checkpoint_dir):
-        raise InputError(f"{out_dir} already holds a training run; pass --resume to continue it or choose another --out")
+        raise InputError(
+            f"{out_dir} already holds a training run; pass --resume to continue it or choose another --out"
+        )
     if out_dir is not None:  # history.jsonl holds exactly the epochs the (restored) state has seen
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in result.history))
+        (out_dir / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in state.history))
 
-    def state_json() -> dict:
-        return {
-            "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": result.global_step,
-            "bad_epochs": bad_epochs, "best_epoch": result.best_epoch, "best_accuracy": result.best_accuracy,
-            "seconds": elapsed(), "history": result.history, "config": asdict(config),
-            "param_groups": [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]}
-                             for g in optimizer.state_dict()["param_groups"]],
-        }  # fmt: skip
-
-    def checkpoint_now() -> None:
-        if checkpoint_dir is not None:
-            save_checkpoint(checkpoint_dir, training_tensors(model, optimizer), state_json())
-
-    started = time.perf_counter()
+    started, seconds_before = time.perf_counter(), state.seconds
 
     def elapsed() -> float:
-        return elapsed_before + time.perf_counter() - started
+        return seconds_before + time.perf_counter() - started
 
-    stop = False
+    def snapshot() -> tuple[dict[str, torch.Tensor], dict]:
+        """The full training state: tensors (weights, moments, RNG, best weights) and JSON."""
+        tensors = training_tensors(model, optimizer) | {f"best.{k}": v for k, v in best_weights.items()}
+        state.seconds = elapsed()
+        groups = [{k: v for k, v in g.items()} for g in optimizer.state_dict()["param_groups"]]
+        return tensors, {"loop": asdict(state), "param_groups": groups, "config": asdict(config)}
+
+    def checkpoint_now() -> tuple[dict[str, torch.Tensor], dict]:
+        tensors, json_state = snapshot()
+        if checkpoint_dir is not None:
+            try:
+                save_checkpoint(checkpoint_dir, tensors, json_state)
+            except OSError as err:  # e.g. disk full: the previous checkpoint stays intact
+                log(f"warning: could not write a checkpoint ({err.strerror or err}); the previous one is kept")
+        return tensors, json_state
+
+    last_good = snapshot()  # rolled back to after repeated non-finite steps
+    stop_reason, bad_steps = "finished all epochs", 0
     last_checkpoint = time.perf_counter()
-    bad_steps = 0
     with _stop_requests() as stop_requests, _progress(show_progress) as progress:
-        bar = progress.add_task("train", total=total_steps, completed=result.global_step, epoch=epoch + 1, loss=0.0, acc=0.0, rate=0.0)
-        while epoch < config.epochs and not stop:
+        bar = progress.add_task("train", total=total_steps, completed=state.global_step, **_bar_fields(state, 0.0, "-"))
+        first_step = state.global_step
+        while state.epoch < config.epochs and stop_reason == "finished all epochs":
             model.train()
-            loss_sum, correct, seen, epoch_started = 0.0, 0, 0, time.perf_counter()
-            for x, y in train_batches.epoch(epoch, start=step_in_epoch):
-                progress_fraction = result.global_step / total_steps
+            epoch_started, rolled_back = time.perf_counter(), False
+            for x, y in train_batches.epoch(state.epoch, start=state.step_in_epoch):
+                progress_fraction = state.global_step / total_steps
                 if config.time_budget_s:  # finish the schedule when the budget runs out
                     progress_fraction = max(progress_fraction, elapsed() / config.time_budget_s)
-                lr = learning_rate(config, progress_fraction)
+                lr = state.lr_scale * learning_rate(config, progress_fraction)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 x, y = _to_device(x, device, channels_last), y.to(device)
@@ -272,55 +292,112 @@ def train(
                 grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
                     bad_steps += 1  # skip the update: NaN must never reach the weights
-                    log(f"step {result.global_step}: non-finite loss or gradient, update skipped")
+                    log(f"step {state.global_step}: non-finite loss or gradient, update skipped")
                     if bad_steps >= MAX_BAD_STEPS:
-                        raise TrainingDiverged(f"loss stayed non-finite for {bad_steps} steps, up to step {result.global_step}")
+                        if state.rollbacks >= MAX_ROLLBACKS:
+                            raise TrainingDiverged(
+                                f"loss or gradients non-finite for {bad_steps} steps in a row up to step "
+                                f"{state.global_step}, even after {state.rollbacks} roll-back(s) "
+                                "with a lower learning rate"
+                            )
+                        state = _roll_back(last_good, model, optimizer, state, log)
+                        best_weights = _prefixed(last_good[0], "best.")
+                        bad_steps, rolled_back = 0, True
+                        break
                 else:
                     bad_steps = 0
                     optimizer.step()
-                step_in_epoch += 1
-                result.global_step += 1
-                loss_sum += loss.item() * len(y)
-                correct += int((logits.argmax(1) == y).sum())
-                seen += len(y)
-                rate = seen / max(time.perf_counter() - epoch_started, 1e-9)
-                progress.update(bar, advance=1, epoch=epoch + 1, loss=loss_sum / seen, acc=correct / seen, rate=rate)
+                state.step_in_epoch += 1
+                state.global_step += 1
+                state.epoch_loss_sum += loss.item() * len(y) if bad_steps == 0 else 0.0
+                state.epoch_correct += int((logits.argmax(1) == y).sum())
+                state.epoch_seen += len(y)
+                eta = _eta(state, total_steps, first_step, time.perf_counter() - started, config, elapsed())
+                rate = state.epoch_seen / max(time.perf_counter() - epoch_started, 1e-9)
+                progress.update(bar, completed=state.global_step, **_bar_fields(state, rate, eta))
                 if stop_requests:
                     checkpoint_now()
-                    raise TrainingInterrupted(f"stopped by signal at step {result.global_step}; checkpoint written")
+                    raise TrainingInterrupted(f"stopped by signal at step {state.global_step}; checkpoint written")
                 if config.time_budget_s and elapsed() >= config.time_budget_s:
-                    stop, result.stop_reason = True, f"time budget of {config.time_budget_s:g} s reached"
+                    stop_reason = f"time budget of {config.time_budget_s:g} s reached"
                     break
                 if time.perf_counter() - last_checkpoint >= config.checkpoint_every_s:
-                    checkpoint_now()
+                    last_good = checkpoint_now()
                     last_checkpoint = time.perf_counter()
+            if rolled_back:
+                continue
 
             val_logits, val_labels = predict_logits(model, val_batches, device, config.mixed_precision)
-            val_loss = float(nn.functional.cross_entropy(val_logits, val_labels))
             val_accuracy = float((val_logits.argmax(1) == val_labels).float().mean())
             record = {
-                "epoch": epoch + 1, "step": result.global_step,
-                "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
-                "val_loss": val_loss, "val_accuracy": val_accuracy, "lr": lr, "seconds": round(elapsed(), 2),
+                "epoch": state.epoch + 1, "step": state.global_step,
+                "train_loss": state.epoch_loss_sum / max(state.epoch_seen, 1),
+                "train_accuracy": state.epoch_correct / max(state.epoch_seen, 1),
+                "val_loss": float(nn.functional.cross_entropy(val_logits, val_labels)),
+                "val_accuracy": val_accuracy, "lr": lr, "seconds": round(elapsed(), 2),
             }  # fmt: skip
-            result.history.append(record)
+            state.history.append(record)
             if out_dir is not None:
                 with open(out_dir / "history.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
-            if val_accuracy > result.best_accuracy:
-                result.best_accuracy, result.best_epoch, bad_epochs = val_accuracy, epoch + 1, 0
-                best_weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-                if checkpoint_dir is not None:
-                    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-                    save_file({k: v.contiguous() for k, v in best_weights.items()}, str(checkpoint_dir / BEST_WEIGHTS))
+            if val_accuracy > state.best_accuracy:
+                state.best_accuracy, state.best_epoch, state.bad_epochs = val_accuracy, state.epoch + 1, 0
+                best_weights = _cpu_copy(model.state_dict())
             else:
-                bad_epochs += 1
-            epoch, step_in_epoch = epoch + 1, 0
-            checkpoint_now()
+                state.bad_epochs += 1
+            state.epoch, state.step_in_epoch = state.epoch + 1, 0
+            state.epoch_loss_sum, state.epoch_correct, state.epoch_seen = 0.0, 0, 0
+            last_good = checkpoint_now()
             last_checkpoint = time.perf_counter()
-            if bad_epochs >= config.patience and not stop:
-                stop, result.stop_reason = True, f"early stopping: no better validation accuracy for {bad_epochs} epochs"
+            if state.bad_epochs >= config.patience and stop_reason == "finished all epochs":
+                stop_reason = f"early stopping: no better validation accuracy for {state.bad_epochs} epochs"
 
     model.load_state_dict(best_weights)
-    result.seconds = elapsed()
-    return result
+    return TrainResult(state.history, state.best_epoch, state.best_accuracy, stop_reason, elapsed(), state.global_step)
+
+
+def _cpu_copy(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: cpu_copy(v) for k, v in weights.items()}
+
+
+def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _roll_back(last_good, model: nn.Module, optimizer: torch.optim.Optimizer, state: LoopState, log) -> LoopState:
+    """Return to the last good snapshot with a tenth of the learning rate."""
+    tensors, json_state = last_good
+    restore_training_tensors(Checkpoint(Path("memory"), json_state, tensors), model, optimizer)
+    restored = LoopState(**json_state["loop"])
+    restored.lr_scale = state.lr_scale * ROLLBACK_LR_FACTOR
+    restored.rollbacks = state.rollbacks + 1
+    restored.seconds = state.seconds
+    log(
+        f"step {state.global_step}: {MAX_BAD_STEPS} non-finite steps in a row; rolled back to step "
+        f"{restored.global_step} with the learning rate scaled by {restored.lr_scale:g}"
+    )
+    return restored
+
+
+def _eta(
+    state: LoopState, total_steps: int, first_step: int, run_seconds: float, config: TrainConfig, elapsed: float
+) -> str:
+    done = state.global_step - first_step
+    if done <= 0:
+        return "-"
+    seconds = (total_steps - state.global_step) * run_seconds / done
+    if config.time_budget_s:
+        seconds = min(seconds, config.time_budget_s - elapsed)
+    seconds = max(0, int(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def _bar_fields(state: LoopState, rate: float, eta: str) -> dict:
+    seen = max(state.epoch_seen, 1)
+    return {
+        "epoch": state.epoch + 1,
+        "loss": state.epoch_loss_sum / seen,
+        "acc": state.epoch_correct / seen,
+        "rate": rate,
+        "eta": eta,
+    }

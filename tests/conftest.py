@@ -1,0 +1,59 @@
+"""Small real data the tests prepare once per session: Fashion-MNIST PNGs, espeak-ng digits, fortunes."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from layerwise.cli import app
+from layerwise.data.datasets import prepare_fashion_mnist, prepare_fortunes, synthesize_spoken_digits
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    torch.set_num_threads(2)  # the machines have 2 cores; keeps runs comparable and deterministic
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="session")
+def fashion_train(data_root) -> Path:
+    """60 real Fashion-MNIST images per class, as class folders of PNGs."""
+    return prepare_fashion_mnist(data_root / "fashion", "train", per_class=60)
+
+
+@pytest.fixture(scope="session")
+def fashion_test(data_root) -> Path:
+    return prepare_fashion_mnist(data_root / "fashion", "test", per_class=20)
+
+
+@pytest.fixture(scope="session")
+def spoken_digits(data_root) -> Path:
+    """Spoken digits synthesised with espeak-ng: 10 classes, many voices."""
+    return synthesize_spoken_digits(data_root / "digits", per_class=12)
+
+
+@pytest.fixture(scope="session")
+def fortunes_csv(data_root) -> Path:
+    """Quotes from Debian's fortunes, labelled by topic, as a CSV manifest with a text column."""
+    return prepare_fortunes(data_root / "fortunes", per_class=120)
+
+
+class Cli:
+    """Runs `layerwise ...` in-process and returns (exit code, stdout, stderr)."""
+
+    def __init__(self) -> None:
+        self.runner = CliRunner()
+
+    def __call__(self, *args: str | Path) -> tuple[int, str, str]:
+        result = self.runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+        return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture
+def cli() -> Cli:
+    return Cli()
