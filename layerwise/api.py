@@ -5,6 +5,7 @@ Each step is a small function; `fit` reads as the list of steps.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import random
@@ -34,6 +35,11 @@ MAX_REPORT_EXAMPLES = 12
 console = Console(stderr=True)
 
 
+def say(message: str) -> None:
+    """A progress message on stderr, never wrapped mid-path."""
+    console.print(message, soft_wrap=True, highlight=False, markup=False)
+
+
 def fit(
     data: str | Path,
     out: str | Path | None = None,
@@ -49,6 +55,7 @@ def fit(
     lr: float = 3e-3,
     init: str | Path | None = None,
     resume: bool = False,
+    checkpoint_every: float = 300.0,
     show_progress: bool = True,
 ) -> Model:
     """Train a classifier on raw files under `data`; write the run directory `out` if given."""
@@ -60,6 +67,11 @@ def fit(
     run_dir = Path(out) if out is not None else None
     if run_dir is not None:
         check_writable(run_dir)
+    if resume:  # a resumed run continues with the settings it started with
+        saved = saved_settings(run_dir)
+        model, seed, val_fraction = saved["model"], saved["seed"], saved["val_fraction"]
+        epochs, batch_size, lr, time_budget = saved["epochs"], saved["batch_size"], saved["lr"], saved["time_budget"]
+        checkpoint_every = saved["checkpoint_every"]
     seed_everything(seed)
 
     source = discover(data, modality)
@@ -91,7 +103,10 @@ def fit(
     if init is not None:
         transfer_weights(network, Path(init))
     batch = batch_size or default_batch_size(len(train_examples))
-    config = TrainConfig(epochs=epochs, batch_size=batch, lr=lr, time_budget_s=time_budget, seed=seed)
+    config = TrainConfig(
+        epochs=epochs, batch_size=batch, lr=lr, time_budget_s=time_budget, seed=seed,
+        checkpoint_every_s=checkpoint_every,
+    )  # fmt: skip
     run_config = {
         "format": FORMAT_VERSION, "layerwise_version": __version__, "task": task, "modality": source.modality,
         "preprocessing": frontend.to_json(), "model": {"name": model_name, "config": model_config},
@@ -120,7 +135,7 @@ def fit(
         out_dir=run_dir,
         resume=resume,
         show_progress=show_progress,
-        log=console.print,
+        log=say,
     )
     bundle = Model(network, frontend, class_names, run_config)
 
@@ -155,6 +170,19 @@ def check_writable(run_dir: Path) -> None:
         probe.unlink()
     except OSError as err:
         raise InputError(f"--out {run_dir}: cannot write there ({err.strerror})") from err
+
+
+def saved_settings(run_dir: Path | None) -> dict:
+    """The training settings stored in RUN/config.json, for --resume."""
+    if run_dir is None or not (run_dir / "config.json").is_file():
+        raise InputError(f"--resume: {run_dir} holds no run to resume (no config.json)")
+    config = json.loads((run_dir / "config.json").read_text())
+    train = config["train"]
+    return {
+        "model": config["model"]["name"], "seed": train["seed"], "val_fraction": config["data"]["val_fraction"],
+        "epochs": train["epochs"], "batch_size": train["batch_size"], "lr": train["lr"],
+        "time_budget": train["time_budget_s"], "checkpoint_every": train["checkpoint_every_s"],
+    }  # fmt: skip
 
 
 def seed_everything(seed: int) -> None:
@@ -226,7 +254,7 @@ def transfer_weights(network: torch.nn.Module, init_run: Path) -> None:
     if not matched:
         raise InputError(f"--init {init_run}: no tensor of that model fits this one")
     network.load_state_dict(matched, strict=False)
-    console.print(f"initialised {len(matched)}/{len(own)} tensors from {init_run}")
+    say(f"initialised {len(matched)}/{len(own)} tensors from {init_run}")
 
 
 def run_baseline(frontend: FrontEnd, train_inputs, train_labels, val_inputs, val_labels, seed: int) -> dict:

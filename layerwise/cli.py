@@ -96,6 +96,9 @@ def train_command(
     init: Annotated[
         Path | None, typer.Option("--init", help="Start from the weights of another run (transfer learning).")
     ] = None,
+    checkpoint_every: Annotated[
+        float, typer.Option("--checkpoint-every", help="Also checkpoint mid-epoch at most every SEC seconds.")
+    ] = 300.0,
     progress: Annotated[bool, typer.Option(help="Show the live progress bar.")] = True,
 ) -> None:
     """Train a deep network on raw files and write the run directory."""
@@ -104,6 +107,7 @@ def train_command(
     bundle = fit(
         data, out, task=task, modality=modality, model=model, epochs=epochs, time_budget=time_budget, seed=seed,
         val_fraction=val_fraction, batch_size=batch_size, lr=lr, init=init, resume=resume, show_progress=progress,
+        checkpoint_every=checkpoint_every,
     )  # fmt: skip
     print_summary(bundle.summary, out)
 

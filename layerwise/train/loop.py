@@ -276,6 +276,7 @@ def train(
         while state.epoch < config.epochs and stop_reason == "finished all epochs":
             model.train()
             epoch_started, rolled_back = time.perf_counter(), False
+            lr = state.lr_scale * learning_rate(config, state.global_step / total_steps)  # if no step is left
             for x, y in train_batches.epoch(state.epoch, start=state.step_in_epoch):
                 progress_fraction = state.global_step / total_steps
                 if config.time_budget_s:  # finish the schedule when the budget runs out

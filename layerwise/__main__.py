@@ -1,0 +1,3 @@
+from layerwise.cli import app
+
+app(prog_name="layerwise")
