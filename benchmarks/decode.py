@@ -9,13 +9,18 @@ the first run pays for writing them), then alternates for `--rounds` rounds:
 
 Each round prints wall seconds, CPU seconds (this process plus decode_all's worker processes) and
 images/s for both (layerwise split into decode and augment), and their ratio; both outputs are
-checked to hold the same pixels. Then a few convnet_s training steps at batch 256 (bf16
-autocast, channels_last, as `train()` runs them) give the training throughput on this machine, and
-the summary says whether the front end limits a training run: decoding happens once per run (the
-uint8 images are cached in memory), augmentation once per epoch, on the training process itself.
+checked to hold the same pixels. Each round also times `--train-steps` convnet_s training steps at
+batch 256 (bf16 autocast, channels_last, gradient clipping, as `train()` runs them), so the front
+end is compared with training under the same load. The summary says whether the front end limits
+a training run: decoding happens once per run (the uint8 images are then cached in memory),
+augmentation once per epoch, both on the training process itself.
 
-The machine is shared and noisy: read the ratios of medians, not the absolute numbers. The last
-line is `ratio=<layerwise images/s (decode + augment) / bare images/s>`.
+The machine is shared and noisy: read the ratios of medians, not the absolute numbers. Small torch
+ops (augment, and training on 28x28 images) suffer most when other processes compete for the two
+cores: an OpenMP thread that is descheduled makes the other spin, so CPU seconds close to twice the
+wall seconds mean a clean measurement (for training and augment, which use both threads).
+
+The last line is `ratio=<layerwise images/s (decode + augment) / bare images/s>`.
 
     .venv/bin/python benchmarks/decode.py [--n 10000] [--rounds 5] [--cache DIR]
 """
@@ -27,6 +32,7 @@ import resource
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +48,7 @@ from layerwise.train.loop import TrainConfig, autocast_for, make_optimizer, prep
 
 AUGMENT_BATCH = 256  # images per `augment` call, as in training
 TRAIN_BATCH = 256
-TRAIN_WARMUP_STEPS = 3
+TRAIN_WARMUP_STEPS = 2
 CLASSES = 10  # Fashion-MNIST
 
 
@@ -86,8 +92,8 @@ def run_bare(paths: list[Path]) -> tuple[tuple[float, float], np.ndarray]:
     return (time.perf_counter() - wall, cpu_seconds() - cpu), images
 
 
-def training_throughput(frontend: ImageFrontEnd, images: torch.Tensor, steps: int) -> float:
-    """Examples/s of convnet_s training steps at batch 256, as `train()` takes them."""
+def make_train_step(frontend: ImageFrontEnd, images: torch.Tensor) -> Callable[[], None]:
+    """One convnet_s training step at batch 256, as `train()` takes it (bf16, channels_last)."""
     device = torch.device("cpu")
     config = TrainConfig(batch_size=TRAIN_BATCH, device="cpu")
     torch.manual_seed(0)
@@ -96,25 +102,31 @@ def training_throughput(frontend: ImageFrontEnd, images: torch.Tensor, steps: in
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     labels = torch.randint(0, CLASSES, (TRAIN_BATCH,))
     x = frontend.model_input(images[:TRAIN_BATCH]).contiguous(memory_format=torch.channels_last)
-    times = []
-    for step in range(TRAIN_WARMUP_STEPS + steps):
-        started = time.perf_counter()
+
+    def step() -> None:
         with autocast_for(device, config.mixed_precision):
             loss = loss_fn(model(x).float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
-        if step >= TRAIN_WARMUP_STEPS:
-            times.append(time.perf_counter() - started)
-    return TRAIN_BATCH / statistics.median(times)
+
+    return step
+
+
+def run_training(step: Callable[[], None], steps: int) -> tuple[float, float]:
+    """(wall s, cpu s) of `steps` training steps."""
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    for _ in range(steps):
+        step()
+    return time.perf_counter() - wall, cpu_seconds() - cpu
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=10_000, help="PNG files (default 10000)")
     parser.add_argument("--rounds", type=int, default=5, help="alternations a/b (default 5)")
-    parser.add_argument("--train-steps", type=int, default=8, help="timed training steps")
+    parser.add_argument("--train-steps", type=int, default=4, help="timed training steps per round")
     parser.add_argument(
         "--cache",
         type=Path,
@@ -138,13 +150,17 @@ def main() -> None:
     _, images = run_layerwise(frontend, examples)  # warm-up: page cache, first pool start
     _, bare_images = run_bare(paths)
     assert torch.equal(images[:, 0], torch.from_numpy(bare_images)), "decoded pixels differ"
+    train_step = make_train_step(frontend, images)
+    run_training(train_step, TRAIN_WARMUP_STEPS)
 
     print(f"\n{'round':>5}  {'variant':<24} {'wall s':>7} {'cpu s':>7} {'images/s':>9}")
-    rates: dict[str, list[float]] = {"layerwise": [], "decode": [], "augment": [], "bare": []}
+    rates: dict[str, list[float]] = {"layerwise": [], "decode": [], "augment": [], "bare": [], "train": []}
     n = len(paths)
     for r in range(args.rounds):
         parts, _ = run_layerwise(frontend, examples)
         bare, _ = run_bare(paths)
+        train_wall, train_cpu = run_training(train_step, args.train_steps)
+        rates["train"].append(args.train_steps * TRAIN_BATCH / train_wall)
         both = tuple(d + a for d, a in zip(parts["decode"], parts["augment"], strict=True))
         rows = {
             "layerwise": ("layerwise decode+augment", both),
@@ -155,18 +171,21 @@ def main() -> None:
         for key, (label, (wall, cpu)) in rows.items():
             rates[key].append(n / wall)
             print(f"{r + 1:>5}  {label:<24} {wall:7.3f} {cpu:7.3f} {n / wall:9.0f}")
+        train_label = f"convnet_s {args.train_steps} steps"
+        train_rate = rates["train"][-1]
+        print(f"{r + 1:>5}  {train_label:<24} {train_wall:7.3f} {train_cpu:7.3f} {train_rate:9.0f} examples/s")
         ratio = rates["layerwise"][-1] / rates["bare"][-1]
         print(f"{'':>5}  {'round ratio':<24} {ratio:25.3f}", flush=True)
 
     median = {key: statistics.median(values) for key, values in rates.items()}
-    train_rate = training_throughput(frontend, images, args.train_steps)
+    train_rate = median["train"]
     epoch_s = n / train_rate  # seconds of training per epoch over these n images
     decode_s, augment_s = n / median["decode"], n / median["augment"]
     print(
         f"\nmedians (images/s): layerwise {median['layerwise']:.0f} (decode_all "
         f"{median['decode']:.0f}, augment {median['augment']:.0f}), bare {median['bare']:.0f}"
     )
-    print(f"convnet_s training at batch {TRAIN_BATCH}: {train_rate:.0f} examples/s")
+    print(f"convnet_s training at batch {TRAIN_BATCH}: {train_rate:.0f} examples/s (median of rounds)")
     print(
         f"per run: decoding {n} images takes {decode_s:.2f} s once = {decode_s / epoch_s:.1%} of "
         f"one training epoch over them ({epoch_s:.1f} s); augmenting takes {augment_s:.2f} s = "

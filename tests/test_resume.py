@@ -1,7 +1,6 @@
 """Long runs lose nothing: exact resume after SIGKILL / SIGINT, damaged checkpoints, NaN, safe loading."""
 
 import json
-import os
 import random
 import shutil
 import signal
