@@ -271,6 +271,7 @@ def run_baseline(frontend: FrontEnd, train_inputs, train_labels, val_inputs, val
 def write_run_report(
     run_dir, bundle, summary, result: TrainResult, val_logits, val_labels, val_inputs, val_examples, problems
 ) -> None:
+    from layerwise.explain import layers_report_section
     from layerwise.report import Example as ReportExample
     from layerwise.report import ReportData, write_report
 
@@ -313,5 +314,6 @@ def write_run_report(
         verdict=summary["verdict"],
         examples=examples,
         problems=[p.to_json() for p in problems],
+        extra_sections=[layers_report_section(bundle, val_inputs, val_labels, log=say)],
     )
     write_report(run_dir / "report.html", data)

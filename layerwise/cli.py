@@ -188,3 +188,73 @@ def models_command(modality: Annotated[str | None, typer.Option(help="Only model
 
 def main() -> None:  # pragma: no cover - console entry point
     sys.exit(app())
+
+
+@app.command("explain")
+@exits_cleanly
+def explain_command(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `layerwise train`.")],
+    inputs: Annotated[
+        list[str], typer.Argument(help="Files or folders (searched recursively); for a text run, also raw texts.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the pictures and explanations.json.")],
+    method: Annotated[str, typer.Option(help="ig (Integrated Gradients), gradcam (Grad-CAM) or both.")] = "both",
+    target: Annotated[
+        str | None, typer.Option(help="Class name (or index) to explain (default: each input's predicted class).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document with the raw scores.")] = False,
+) -> None:
+    """Why each prediction was made: attribution maps drawn over the input (or highlighted tokens for text)."""
+    from layerwise.bundle import load
+    from layerwise.explain.run import explain_inputs, resolve_methods
+
+    methods = resolve_methods(method)
+    document, problems = explain_inputs(load(run), inputs, out, methods, target)
+    for problem in problems:
+        err_console.print(f"error: {problem.origin}: {problem.reason}", highlight=False, markup=False, soft_wrap=True)
+    if as_json:
+        print(json.dumps(document))
+    else:
+        for record in document["explanations"]:
+            files = ", ".join(str(out / name) for name in record["files"].values())
+            print(f"{record['path']}\t{record['predicted']}\t{record['confidence']:.3f}\t{record['target']}\t{files}")
+        out_console.print(
+            f"{len(document['explanations'])} input(s) explained in {document['seconds']:.2f} s "
+            f"({document['seconds_per_input']:.2f} s each); scores in {out / 'explanations.json'}",
+            highlight=False,
+        )
+    if problems:
+        raise typer.Exit(2)
+
+
+@app.command("layers")
+@exits_cleanly
+def layers_command(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `layerwise train`.")],
+    data: Annotated[Path, typer.Argument(help="Labelled data: a class-folder tree or CSV manifest.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for layers.html, its figures and layers.json.")],
+    max_examples: Annotated[
+        int, typer.Option("--max-examples", min=4, help="Examples analysed (half fit the probes, half score them).")
+    ] = 2000,
+    seed: Annotated[int, typer.Option(help="Seed for the sample and the probe split.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the probe accuracies.")] = False,
+) -> None:
+    """What each layer learned: linear probes per stage, first-layer filters, top-activating inputs, a 2-D map."""
+    from layerwise.bundle import load
+    from layerwise.explain.run import analyse_data, write_layers
+
+    bundle = load(run)
+    analysis, problems = analyse_data(bundle, data, max_examples, seed)
+    document = write_layers(analysis, bundle, out, {"data": str(data), "skipped": len(problems)})
+    if as_json:
+        print(json.dumps(document))
+        return
+    title = f"linear probes ({analysis.n_fit} fit / {analysis.n_score} scored; chance {analysis.chance:.1%})"
+    table = Table(title=title)
+    for column in ("depth", "stage", "output shape", "probe accuracy"):
+        table.add_column(column, justify="right" if column != "stage" else "left")
+    for probe in analysis.probes:
+        shape = "x".join(map(str, probe.shape))
+        table.add_row(str(probe.depth), escape(probe.name), shape, f"{probe.accuracy:.1%}")
+    out_console.print(table)
+    out_console.print(f"wrote {out / 'layers.html'} and {out / 'layers.json'}", highlight=False)
