@@ -40,7 +40,7 @@ def spoken_digits(data_root) -> Path:
 @pytest.fixture(scope="session")
 def fortunes_csv(data_root) -> Path:
     """Quotes from Debian's fortunes, labelled by topic, as a CSV manifest with a text column."""
-    return prepare_fortunes(data_root / "fortunes", per_class=120)
+    return prepare_fortunes(data_root / "fortunes", topics=("computers", "politics", "songs-poems"), per_class=200)
 
 
 class Cli:

@@ -102,7 +102,8 @@ def test_fortunes_text_from_a_csv(cli, fortunes_csv, tmp_path) -> None:
     config = read_json(run / "config.json")
     assert config["modality"] == "text" and config["model"]["name"] == "transformer_tiny"
     n_classes = len(config["class_labels"])
-    assert read_json(run / "metrics.json")["metrics"]["accuracy"] > 1.5 / n_classes
+    assert n_classes == 3
+    assert read_json(run / "metrics.json")["metrics"]["accuracy"] > 0.5  # chance is 1/3
     import layerwise
 
     predictions, _ = layerwise.load(run).predict(["a raw string is classified too"])

@@ -38,7 +38,8 @@ class TransformerClassifier(nn.Module):
         )
         self.norm = nn.LayerNorm(dim)
         self.num_features = dim
-        self.head = ClassifierHead(dim, num_classes, pool="cls", dropout=dropout)
+        # Mean over tokens rather than [CLS] alone: it learns far faster from a few hundred texts.
+        self.head = ClassifierHead(dim, num_classes, pool="tokens", dropout=dropout)
 
     def named_stages(self) -> list[tuple[str, nn.Module]]:
         return [("embed", self.embed)] + [(f"block{i + 1}", block) for i, block in enumerate(self.blocks)]
@@ -48,7 +49,7 @@ class TransformerClassifier(nn.Module):
         h = self.embed(ids)
         for block in self.blocks:
             h = block(h, src_key_padding_mask=padding)
-        return self.norm(h)  # (B, T, D)
+        return self.norm(h).masked_fill(padding[..., None], 0.0)  # (B, T, D), zero at padding
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(features, pre_logits)
