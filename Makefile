@@ -23,3 +23,5 @@ lint: setup
 bench: setup
 	$(PY) benchmarks/loop_overhead.py
 	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/checkpoint_cost.py
+	$(PY) benchmarks/explain_speed.py

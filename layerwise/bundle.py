@@ -70,6 +70,14 @@ class Model:
 
         Returns the predictions and the inputs that could not be decoded.
         """
+        examples, problems = self.find_inputs(inputs)
+        tensors, kept, decode_problems = self.frontend.decode_all(examples)
+        problems += decode_problems
+        origins = [examples[i].origin for i in kept]
+        return decode(self.logits(tensors), self.class_names, origins, k), problems
+
+    def find_inputs(self, inputs: list[str | Path]) -> tuple[list[Example], list[Problem]]:
+        """Files and folders (searched recursively); for a text model, a str that is not a path is the text."""
         examples: list[Example] = []
         paths: list[Path] = []
         for item in inputs:
@@ -82,14 +90,10 @@ class Model:
             found = discover_files(paths, self.modality)
             examples += found.examples
             problems += found.problems
-        tensors, kept, decode_problems = self.frontend.decode_all(examples)
-        problems += decode_problems
-        origins = [examples[i].origin for i in kept]
-        return decode(self.logits(tensors), self.class_names, origins, k), problems
+        return examples, problems
 
-    def evaluate(self, data: str | Path | Source) -> tuple[dict, list[Problem]]:
-        """Metrics on labelled data (a class-folder tree or CSV manifest) and the skipped inputs."""
-        source = data if isinstance(data, Source) else discover(data, self.modality)
+    def labelled_examples(self, source: Source) -> tuple[list[Example], list[int], list[Problem]]:
+        """The examples whose label is one of this model's classes, their class indices, and the rest as problems."""
         index = {name: i for i, name in enumerate(self.class_names)}
         examples, problems = [], list(source.problems)
         for example in source.examples:
@@ -97,11 +101,17 @@ class Model:
                 examples.append(example)
             else:
                 problems.append(Problem(example.origin, f"label {example.label!r} is not one of the model's classes"))
+        return examples, [index[ex.label] for ex in examples], problems
+
+    def evaluate(self, data: str | Path | Source) -> tuple[dict, list[Problem]]:
+        """Metrics on labelled data (a class-folder tree or CSV manifest) and the skipped inputs."""
+        source = data if isinstance(data, Source) else discover(data, self.modality)
+        examples, label_ids, problems = self.labelled_examples(source)
         tensors, kept, decode_problems = self.frontend.decode_all(examples)
         problems += decode_problems
         if not kept:
             raise InputError(f"{source.root}: no usable labelled examples to evaluate")
-        labels = torch.tensor([index[examples[i].label] for i in kept])
+        labels = torch.tensor([label_ids[i] for i in kept])
         return classification_metrics(self.logits(tensors), labels, len(self.class_names)), problems
 
 

@@ -166,7 +166,7 @@ def demo_command(
         Path | None,
         typer.Option("--data-dir", help="Where the PNG folders are prepared (default: ~/.cache/layerwise)."),
     ] = None,
-    time_budget: Annotated[float, typer.Option("--time-budget", help="Training seconds.")] = 420.0,
+    time_budget: Annotated[float, typer.Option("--time-budget", help="Training seconds.")] = 480.0,
     download: Annotated[
         bool, typer.Option(help="Download Fashion-MNIST with torchvision if the Debian package is absent.")
     ] = False,

@@ -26,7 +26,7 @@ def default_cache() -> Path:
 
 
 def run_demo(
-    out: Path | None = None, data_dir: Path | None = None, time_budget: float = 420.0, download: bool = False
+    out: Path | None = None, data_dir: Path | None = None, time_budget: float = 480.0, download: bool = False
 ) -> dict:
     """Prepare the data, train, evaluate on the official test set; returns the test metrics."""
     from layerwise.api import fit

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from layerwise.data.sources import Example, Problem, discover, discover_files
+from layerwise.data.sources import Problem, discover
 from layerwise.errors import InputError
 from layerwise.explain.attribution import METHOD_NAMES, METHODS, Attribution, attribute
 from layerwise.explain.draw import attribution_png, layer_figures, layers_fragment, layers_page, tokens_page
@@ -52,23 +52,6 @@ def resolve_methods(method: str) -> tuple[str, ...]:
     raise InputError(f"--method must be ig, gradcam or both, not {method!r}")
 
 
-def find_inputs(bundle, inputs: list[str | Path]) -> tuple[list[Example], list[Problem]]:
-    """Files and folders (searched recursively); for a text model, a string that is not a path is the text."""
-    examples: list[Example] = []
-    paths: list[Path] = []
-    for item in inputs:
-        if bundle.modality == "text" and isinstance(item, str) and not Path(item).exists():
-            examples.append(Example(origin=item[:60], label=None, text=item))
-        else:
-            paths.append(Path(item))
-    problems: list[Problem] = []
-    if paths:
-        found = discover_files(paths, bundle.modality)
-        examples += found.examples
-        problems += found.problems
-    return examples, problems
-
-
 def _rounded(values: torch.Tensor) -> list:
     return np.vectorize(lambda v: float(f"{v:.{SCORE_DIGITS}g}"), otypes=[float])(values.numpy()).tolist()
 
@@ -90,7 +73,7 @@ def explain_inputs(
     Returns the JSON document (also written to out_dir/explanations.json) and the undecodable inputs.
     """
     target_index = resolve_target(target, bundle.class_names)
-    examples, problems = find_inputs(bundle, inputs)
+    examples, problems = bundle.find_inputs(inputs)
     make_out_dir(out_dir)
     tensors, kept, decode_problems = bundle.frontend.decode_all(examples)
     problems += decode_problems
@@ -175,15 +158,8 @@ def _id_to_token(frontend) -> Callable | None:
 def analyse_data(bundle, data: str | Path, max_examples: int = MAX_EXAMPLES, seed: int = 0):
     """Decode a capped, stratified sample of labelled DATA and run the layer analysis on it."""
     source = discover(data, bundle.modality)
-    index = {name: i for i, name in enumerate(bundle.class_names)}
-    problems = list(source.problems)
-    examples = []
-    for example in source.examples:
-        if example.label in index:
-            examples.append(example)
-        else:
-            problems.append(Problem(example.origin, f"label {example.label!r} is not one of the model's classes"))
-    labels = np.array([index[ex.label] for ex in examples])
+    examples, label_ids, problems = bundle.labelled_examples(source)
+    labels = np.array(label_ids, dtype=int)
     chosen = stratified_sample(labels, max_examples, seed) if len(labels) else np.array([], dtype=int)
     tensors, kept, decode_problems = bundle.frontend.decode_all([examples[i] for i in chosen])
     problems += decode_problems
