@@ -372,7 +372,6 @@ def _roll_back(last_good, model: nn.Module, optimizer: torch.optim.Optimizer, st
     restored = LoopState(**json_state["loop"])
     restored.lr_scale = state.lr_scale * ROLLBACK_LR_FACTOR
     restored.rollbacks = state.rollbacks + 1
-    restored.seconds = state.seconds
     log(
         f"step {state.global_step}: {MAX_BAD_STEPS} non-finite steps in a row; rolled back to step "
         f"{restored.global_step} with the learning rate scaled by {restored.lr_scale:g}"
