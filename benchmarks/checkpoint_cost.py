@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
+from layerwise.data.batches import TensorBatches
 from layerwise.data.datasets import prepare_fashion_mnist
 from layerwise.data.image import ImageFrontEnd
 from layerwise.data.sources import discover
 from layerwise.models import create_model
-from layerwise.train import checkpoint, loop
-from layerwise.train.batches import TensorBatches
-from layerwise.train.loop import TrainConfig
+from layerwise.training import checkpoint, loop
+from layerwise.training.loop import TrainConfig
 
 
 def load_images(n: int, cache: Path) -> tuple[ImageFrontEnd, torch.Tensor, torch.Tensor]:

@@ -44,7 +44,8 @@ from layerwise.data.datasets import prepare_fashion_mnist
 from layerwise.data.image import ImageFrontEnd
 from layerwise.data.sources import Example, discover
 from layerwise.models import create_model
-from layerwise.train.loop import TrainConfig, autocast_for, make_optimizer, prepare_model
+from layerwise.runtime import autocast_for
+from layerwise.training.loop import TrainConfig, make_optimizer, prepare_model
 
 AUGMENT_BATCH = 256  # images per `augment` call, as in training
 TRAIN_BATCH = 256

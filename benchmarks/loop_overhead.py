@@ -45,6 +45,7 @@ import torch
 from rich.progress import Progress
 from torch import nn
 
+from layerwise.data.batches import TensorBatches
 from layerwise.data.datasets import (
     FASHION_MNIST_DIR,
     FASHION_MNIST_FILES,
@@ -54,16 +55,9 @@ from layerwise.data.datasets import (
 )
 from layerwise.data.image import ImageFrontEnd, ImagePreprocessing
 from layerwise.models import create_model
-from layerwise.train.batches import TensorBatches
-from layerwise.train.checkpoint import training_tensors
-from layerwise.train.loop import (
-    TrainConfig,
-    autocast_for,
-    learning_rate,
-    make_optimizer,
-    prepare_model,
-    train,
-)
+from layerwise.runtime import autocast_for
+from layerwise.training.checkpoint import training_tensors
+from layerwise.training.loop import TrainConfig, learning_rate, make_optimizer, prepare_model, train
 
 VAL_SIZE = 512  # tiny: the per-epoch validation pass should not dominate either variant
 VAL_BATCH = 512  # what layerwise.api uses for validation batches

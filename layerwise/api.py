@@ -1,6 +1,7 @@
-"""`layerwise.fit`: from a folder (or CSV) of raw files to a trained, saved, reported model.
+"""`layerwise.fit`: from raw files to a trained, saved, reported model, for any task.
 
-Each step is a small function; `fit` reads as the list of steps.
+Each step is a small function; `fit` reads as the list of steps. What differs between tasks comes
+from the task's `prepare` and its methods; nothing here asks which task it is.
 """
 
 from __future__ import annotations
@@ -10,8 +11,7 @@ import os
 import platform
 import random
 import time
-from collections import defaultdict
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,19 +19,19 @@ import torch
 from rich.console import Console
 
 from layerwise import __version__
-from layerwise.baseline import fit_baseline, verdict
-from layerwise.bundle import FORMAT_VERSION, Model, load, write_json
-from layerwise.data.frontend import FrontEnd, fit_frontend
-from layerwise.data.sources import Example, Problem, check_trainable, discover
+from layerwise.bundle import CONFIG_FILE, FORMAT_VERSION, Model, load
+from layerwise.data.sources import Problem
 from layerwise.errors import InputError
-from layerwise.models.registry import create_model, model_entry
-from layerwise.tasks.classify import classification_metrics, confusion
-from layerwise.train.batches import TensorBatches
-from layerwise.train.loop import TrainConfig, TrainResult, predict_logits, train
+from layerwise.files import write_json
+from layerwise.models.registry import create_model
+from layerwise.tasks import detect_task, task_class
+from layerwise.tasks.base import FitOptions, RunMismatch
+from layerwise.training.checkpoint import Checkpoint, CheckpointError, list_checkpoints, load_latest_checkpoint
+from layerwise.training.loop import LoopState, TrainConfig, train
 
 __all__ = ["fit", "load"]
 
-MAX_REPORT_EXAMPLES = 12
+RUN_OUTPUTS = ("config.json", "model.safetensors", "metrics.json", "report.html")
 console = Console(stderr=True)
 
 
@@ -40,124 +40,201 @@ def say(message: str) -> None:
     console.print(message, soft_wrap=True, highlight=False, markup=False)
 
 
+@dataclass(frozen=True)
+class Settings:
+    """Every option of a run. A resumed run keeps the fixed ones and may change the adjustable ones."""
+
+    task: str | None = None
+    modality: str | None = None
+    model: str | None = None
+    seed: int = 0
+    val_fraction: float = 0.1
+    batch_size: int | None = None
+    lr: float = 3e-3
+    epochs: int = 30  # adjustable on --resume, like the two below
+    time_budget: float | None = None
+    checkpoint_every: float = 300.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.val_fraction < 0.5:
+            raise InputError(f"--val-fraction must be between 0 and 0.5, not {self.val_fraction}")
+
+
+FIXED_ON_RESUME = ("task", "modality", "model", "seed", "val_fraction", "batch_size", "lr")
+ADJUSTABLE_ON_RESUME = ("epochs", "time_budget", "checkpoint_every")
+
+
 def fit(
     data: str | Path,
     out: str | Path | None = None,
     *,
-    task: str = "classify",
+    task: str | None = None,
     modality: str | None = None,
     model: str | None = None,
-    epochs: int = 30,
+    epochs: int | None = None,
     time_budget: float | None = None,
-    seed: int = 0,
-    val_fraction: float = 0.1,
+    seed: int | None = None,
+    val_fraction: float | None = None,
     batch_size: int | None = None,
-    lr: float = 3e-3,
+    lr: float | None = None,
     init: str | Path | None = None,
     resume: bool = False,
-    checkpoint_every: float = 300.0,
+    checkpoint_every: float | None = None,
     show_progress: bool = True,
 ) -> Model:
-    """Train a classifier on raw files under `data`; write the run directory `out` if given."""
+    """Train on raw files under `data`; write the run directory `out` if given.
+
+    Options left as None take their defaults, or, with `resume=True`, the saved run's values.
+    """
     started = time.perf_counter()
-    if task != "classify":
-        raise InputError(f"--task: {task!r} is not available yet (available: classify)")
-    if not 0 < val_fraction < 0.5:
-        raise InputError(f"--val-fraction must be between 0 and 0.5, not {val_fraction}")
+    given = {
+        "task": task, "modality": modality, "model": model, "seed": seed, "val_fraction": val_fraction,
+        "batch_size": batch_size, "lr": lr, "epochs": epochs, "time_budget": time_budget,
+        "checkpoint_every": checkpoint_every,
+    }  # fmt: skip
+    given = {k: v for k, v in given.items() if v is not None}
     run_dir = Path(out) if out is not None else None
+    saved = saved_config(run_dir) if resume else None
+    if saved is None:
+        if run_dir is not None:
+            refuse_existing_run(run_dir)  # before anything is written
+        settings = Settings(**given)
+    else:
+        settings = resumed_settings(saved, given)
+        if init is not None:
+            say("note: --init is ignored on --resume; the run continues from its own checkpoint")
+            init = None
     if run_dir is not None:
         check_writable(run_dir)
-    if resume:  # a resumed run continues with the settings it started with
-        saved = saved_settings(run_dir)
-        model, seed, val_fraction = saved["model"], saved["seed"], saved["val_fraction"]
-        epochs, batch_size, lr, time_budget = saved["epochs"], saved["batch_size"], saved["lr"], saved["time_budget"]
-        checkpoint_every = saved["checkpoint_every"]
-    seed_everything(seed)
+    seed_everything(settings.seed)
 
-    source = discover(data, modality)
-    train_examples, val_examples = stratified_split(source.examples, val_fraction, seed)
-    frontend = fit_frontend(source.modality, train_examples)
-    console.print(
-        f"[bold]{source.root}[/]: {len(source.examples)} {source.modality} examples, {len(source.class_names)} classes"
-    )
-    decode_started = time.perf_counter()
-    train_inputs, kept, train_problems = frontend.decode_all(train_examples)
-    train_examples = [train_examples[i] for i in kept]
-    val_inputs, kept, val_problems = frontend.decode_all(val_examples)
-    val_examples = [val_examples[i] for i in kept]
-    decode_seconds = time.perf_counter() - decode_started
-    problems = source.problems + train_problems + val_problems
-    report_problems(problems)
-    check_trainable([ex.label for ex in train_examples + val_examples], source.class_names, source.root)
-    if not val_examples:
-        raise InputError(f"{source.root}: too few usable examples to hold any out for validation")
-    class_names = sorted({ex.label for ex in train_examples + val_examples})
-    index = {name: i for i, name in enumerate(class_names)}
-    train_labels = torch.tensor([index[ex.label] for ex in train_examples])
-    val_labels = torch.tensor([index[ex.label] for ex in val_examples])
-    frontend.fit_statistics(train_inputs)
-
-    model_name = model or default_model(source.modality, frontend, len(train_examples))
-    model_config = model_overrides(model_name, source.modality, frontend) | {"num_classes": len(class_names)}
-    network = create_model(model_name, **model_config)
-    if init is not None:
-        transfer_weights(network, Path(init))
-    batch = batch_size or default_batch_size(len(train_examples))
+    task_type = task_class(settings.task or detect_task(Path(data)))
+    donor = load(init) if init is not None else None
+    options = FitOptions(settings.modality, settings.model, settings.seed, settings.val_fraction, settings.batch_size)
+    prepared = task_type.prepare(Path(data), options, saved=saved, donor=donor, log=say)
+    report_problems(prepared.problems)
+    network = create_model(prepared.model_name, **prepared.model_config)
+    if donor is not None:
+        transfer_weights(network, donor, prepared.task, Path(init))
     config = TrainConfig(
-        epochs=epochs, batch_size=batch, lr=lr, time_budget_s=time_budget, seed=seed,
-        checkpoint_every_s=checkpoint_every,
+        epochs=settings.epochs, batch_size=prepared.batch_size, lr=settings.lr, time_budget_s=settings.time_budget,
+        seed=settings.seed, checkpoint_every_s=settings.checkpoint_every,
     )  # fmt: skip
     run_config = {
-        "format": FORMAT_VERSION, "layerwise_version": __version__, "task": task, "modality": source.modality,
-        "preprocessing": frontend.to_json(), "model": {"name": model_name, "config": model_config},
-        "class_labels": class_names, "train": asdict(config),
-        "data": {"source": str(source.root), "n_train": len(train_examples), "n_val": len(val_examples),
-                 "n_skipped": len(problems), "val_fraction": val_fraction},
+        "format": FORMAT_VERSION, "layerwise_version": __version__, "task": prepared.task.name,
+        **prepared.task.to_json(), "model": {"name": prepared.model_name, "config": prepared.model_config},
+        "train": asdict(config), "data": prepared.data_summary,
     }  # fmt: skip
+    checkpoint = None
+    if saved is not None:
+        checkpoint = resumable_checkpoint(run_dir)
+        if (
+            checkpoint is not None
+            and finished(checkpoint, config)
+            and all((run_dir / f).is_file() for f in RUN_OUTPUTS)
+        ):
+            say(f"{run_dir}: the run has already finished ({checkpoint.state['loop']['stop_reason']}); nothing to do")
+            return load_finished(run_dir)
     if run_dir is not None:
-        write_json(run_dir / "config.json", run_config)
-        write_json(run_dir / "problems.json", {"skipped": [p.to_json() for p in problems]})
+        write_json(run_dir / CONFIG_FILE, run_config)
+        write_json(run_dir / "problems.json", {"skipped": [p.to_json() for p in prepared.problems]})
     n_params = sum(p.numel() for p in network.parameters())
     console.print(
-        f"model [bold]{model_name}[/] ({n_params:,} parameters), "
-        f"{len(train_examples)} train / {len(val_examples)} validation, batch {batch}"
+        f"model [bold]{prepared.model_name}[/] ({n_params:,} parameters), "
+        f"{prepared.data_summary['n_train']} train / {prepared.data_summary['n_val']} validation, "
+        f"batch {prepared.batch_size}"
     )
-
-    train_batches = TensorBatches(
-        train_inputs, train_labels, batch, frontend.model_input, frontend.augment, shuffle=True, seed=seed
-    )
-    val_batches = TensorBatches(val_inputs, val_labels, 512, frontend.model_input)
     result = train(
-        network,
-        train_batches,
-        val_batches,
-        config,
-        out_dir=run_dir,
-        resume=resume,
-        show_progress=show_progress,
-        log=say,
-    )
-    bundle = Model(network, frontend, class_names, run_config)
+        network, prepared.train_batches, prepared.val_batches, config, out_dir=run_dir,
+        resume=checkpoint or False, show_progress=show_progress, log=say, objective=prepared.task,
+    )  # fmt: skip
+    bundle = Model(network, prepared.task, run_config)
 
-    val_logits, _ = predict_logits(network, val_batches)
-    metrics = classification_metrics(val_logits, val_labels, len(class_names))
-    baseline = run_baseline(frontend, train_inputs, train_labels, val_inputs, val_labels, seed)
+    metrics = prepared.task.final_metrics(network, prepared)
+    baseline = prepared.task.baseline(prepared, settings.seed)
     summary = {
         "metrics": metrics,
         "baseline": baseline,
-        "verdict": verdict(metrics["accuracy"], baseline.get("accuracy")),
-        "split": f"validation: {val_fraction:.0%} of the data, stratified, seed {seed} (also used for early stopping)",
-        "model": model_name, "parameters": n_params, "epochs_run": len(result.history), "best_epoch": result.best_epoch,
-        "stop_reason": result.stop_reason, "train_seconds": round(result.seconds, 1),
-        "decode_seconds": round(decode_seconds, 1),
-        "total_seconds": round(time.perf_counter() - started, 1), "n_skipped": len(problems),
+        "verdict": prepared.task.verdict(metrics, baseline),
+        "split": prepared.extras.get("split", ""),
+        "model": prepared.model_name, "parameters": n_params, "epochs_run": len(result.history),
+        "best_epoch": result.best_epoch, "stop_reason": result.stop_reason, "train_seconds": round(result.seconds, 1),
+        "decode_seconds": round(prepared.extras.get("decode_seconds", 0.0), 1),
+        "total_seconds": round(time.perf_counter() - started, 1), "n_skipped": len(prepared.problems),
         "device": str(next(network.parameters()).device), "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
     }  # fmt: skip
     if run_dir is not None:
         bundle.save(run_dir)
         write_json(run_dir / "metrics.json", summary)
-        write_run_report(run_dir, bundle, summary, result, val_logits, val_labels, val_inputs, val_examples, problems)
+        prepared.task.write_report(run_dir, bundle, summary, result, prepared, log=say)
     bundle.summary = summary
+    return bundle
+
+
+def saved_config(run_dir: Path | None) -> dict:
+    """RUN/config.json of the run to resume."""
+    if run_dir is None or not (run_dir / CONFIG_FILE).is_file():
+        raise InputError(f"--resume: {run_dir} holds no run to resume (no config.json)")
+    try:
+        return json.loads((run_dir / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"--resume: {run_dir / CONFIG_FILE} is not valid JSON ({err})") from err
+
+
+def resumed_settings(saved: dict, given: dict) -> Settings:
+    """The saved run's settings, with the adjustable ones the user gave; a changed fixed one is refused."""
+    train_config, data = saved["train"], saved["data"]
+    settings = Settings(
+        task=saved.get("task", "classify"), modality=saved["modality"], model=saved["model"]["name"],
+        seed=train_config["seed"], val_fraction=data["val_fraction"], batch_size=train_config["batch_size"],
+        lr=train_config["lr"], epochs=train_config["epochs"], time_budget=train_config["time_budget_s"],
+        checkpoint_every=train_config["checkpoint_every_s"],
+    )  # fmt: skip
+    changed = [k for k in FIXED_ON_RESUME if k in given and given[k] != getattr(settings, k)]
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')} {given[k]} (the run has {getattr(settings, k)})" for k in changed)
+        raise RunMismatch(
+            f"--resume: {flags}. A resumed run keeps its task, modality, model, seed, split, batch size and "
+            "learning rate; only --epochs, --time-budget and --checkpoint-every may change"
+        )
+    adjusted = {k: given[k] for k in ADJUSTABLE_ON_RESUME if k in given and given[k] != getattr(settings, k)}
+    kept = ", ".join(f"{k} {getattr(settings, k)}" for k in FIXED_ON_RESUME if getattr(settings, k) is not None)
+    say(f"resuming with the saved settings: {kept}")
+    for k, v in adjusted.items():
+        say(f"  {k.replace('_', ' ')}: {v} (was {getattr(settings, k)})")
+    return replace(settings, **adjusted)
+
+
+def refuse_existing_run(run_dir: Path) -> None:
+    """Training into a directory that holds a run needs --resume; nothing is touched before this check."""
+    if (
+        (run_dir / CONFIG_FILE).is_file()
+        or (run_dir / "model.safetensors").is_file()
+        or list_checkpoints(run_dir / "checkpoints")
+    ):
+        raise InputError(
+            f"{run_dir} already holds a training run; pass --resume to continue it or choose another --out"
+        )
+
+
+def resumable_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """The newest good checkpoint; None when the run stopped before writing one (it then starts over)."""
+    if not list_checkpoints(run_dir / "checkpoints"):
+        say(f"{run_dir}: no checkpoint was written before the run stopped; training from the start")
+        return None
+    try:
+        return load_latest_checkpoint(run_dir / "checkpoints", warn=say)
+    except CheckpointError as err:
+        raise InputError(f"--resume: {err}; train again into a new --out") from err
+
+
+def finished(checkpoint: Checkpoint, config: TrainConfig) -> bool:
+    return LoopState(**checkpoint.state["loop"]).finished_under(config)
+
+
+def load_finished(run_dir: Path) -> Model:
+    bundle = load(run_dir)
+    bundle.summary = json.loads((run_dir / "metrics.json").read_text())
     return bundle
 
 
@@ -172,39 +249,10 @@ def check_writable(run_dir: Path) -> None:
         raise InputError(f"--out {run_dir}: cannot write there ({err.strerror})") from err
 
 
-def saved_settings(run_dir: Path | None) -> dict:
-    """The training settings stored in RUN/config.json, for --resume."""
-    if run_dir is None or not (run_dir / "config.json").is_file():
-        raise InputError(f"--resume: {run_dir} holds no run to resume (no config.json)")
-    config = json.loads((run_dir / "config.json").read_text())
-    train = config["train"]
-    return {
-        "model": config["model"]["name"], "seed": train["seed"], "val_fraction": config["data"]["val_fraction"],
-        "epochs": train["epochs"], "batch_size": train["batch_size"], "lr": train["lr"],
-        "time_budget": train["time_budget_s"], "checkpoint_every": train["checkpoint_every_s"],
-    }  # fmt: skip
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def stratified_split(examples: list[Example], val_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """Hold out `val_fraction` of each class (at least one example of any class with two or more)."""
-    by_class: dict[str, list[Example]] = defaultdict(list)
-    for example in examples:
-        by_class[example.label].append(example)
-    rng = random.Random(seed)
-    train_part, val_part = [], []
-    for label in sorted(by_class):
-        members = by_class[label][:]
-        rng.shuffle(members)
-        n_val = 0 if len(members) < 2 else min(len(members) - 1, max(1, round(val_fraction * len(members))))
-        val_part += members[:n_val]
-        train_part += members[n_val:]
-    return train_part, val_part
 
 
 def report_problems(problems: list[Problem], shown: int = 20) -> None:
@@ -217,103 +265,28 @@ def report_problems(problems: list[Problem], shown: int = 20) -> None:
         console.print(f"  ... and {len(problems) - shown} more (all listed in problems.json)")
 
 
-def default_model(modality: str, frontend: FrontEnd, n_train: int) -> str:
-    """A good default per modality, from the input size and the amount of data."""
-    if modality == "text":
-        return "transformer_tiny" if n_train < 50_000 else "transformer_small"
-    if modality == "image" and frontend.prep.side <= 48:
-        return "convnet_s"  # fast and accurate on small images (Fashion-MNIST: ~93.5%)
-    return "resnet_s"
+def transfer_weights(network: torch.nn.Module, donor: Model, own_task, init_run: Path) -> None:
+    """Start from another run's weights wherever names and shapes match (the head usually won't).
 
-
-def model_overrides(model_name: str, modality: str, frontend: FrontEnd) -> dict:
-    """Builder arguments the data decides: input channels / vocabulary, and the stem stride."""
-    entry = model_entry(model_name)
-    if modality not in entry.modalities:
-        raise InputError(
-            f"--model {model_name} does not take {modality} input (it takes {', '.join(entry.modalities)})"
-        )
-    config = dict(frontend.model_inputs)
-    if model_name.startswith("resnet"):
-        # Spectrograms (64 bands x 100 frames a second) and large images are downsampled early.
-        large = modality == "audio" or frontend.prep.side > 64
-        config["stem_stride"] = 2 if large else 1
-    return config
-
-
-def default_batch_size(n_train: int) -> int:
-    """256 for large data; smaller for small data so each epoch still takes several steps."""
-    return int(min(256, max(16, 2 ** round(np.log2(max(n_train, 1) / 8)))))
-
-
-def transfer_weights(network: torch.nn.Module, init_run: Path) -> None:
-    """Start from another run's weights wherever names and shapes match (the head usually won't)."""
-    donor = load(init_run).network.state_dict()
+    Token embeddings are copied only when both runs share the tokenizer: rows of two different
+    vocabularies mean different tokens even when the shapes agree.
+    """
     own = network.state_dict()
-    matched = {k: v for k, v in donor.items() if k in own and own[k].shape == v.shape}
+    matched = {k: v for k, v in donor.network.state_dict().items() if k in own and own[k].shape == v.shape}
+    donor_vocab = donor.config["model"]["config"].get("vocab_size")
+    if donor_vocab is not None and tokenizer_of(donor.task) != tokenizer_of(own_task):
+        tables = sorted(k for k, v in matched.items() if v.ndim == 2 and v.shape[0] == donor_vocab)
+        for name in tables:
+            del matched[name]
+        if tables:
+            say(f"--init: not copying {', '.join(tables)}: the two runs have different tokenizers")
     if not matched:
         raise InputError(f"--init {init_run}: no tensor of that model fits this one")
     network.load_state_dict(matched, strict=False)
     say(f"initialised {len(matched)}/{len(own)} tensors from {init_run}")
 
 
-def run_baseline(frontend: FrontEnd, train_inputs, train_labels, val_inputs, val_labels, seed: int) -> dict:
-    return fit_baseline(
-        frontend.modality,
-        frontend.baseline_features(train_inputs),
-        train_labels.numpy(),
-        frontend.baseline_features(val_inputs),
-        val_labels.numpy(),
-        seed=seed,
-    )
-
-
-def write_run_report(
-    run_dir, bundle, summary, result: TrainResult, val_logits, val_labels, val_inputs, val_examples, problems
-) -> None:
-    from layerwise.explain import layers_report_section
-    from layerwise.report import Example as ReportExample
-    from layerwise.report import ReportData, write_report
-
-    probabilities = torch.softmax(val_logits, 1)
-    wrong = (val_logits.argmax(1) != val_labels).nonzero().flatten().tolist()
-    wrong.sort(key=lambda i: -float(probabilities[i].max()))  # confidently wrong first
-    examples = []
-    for i in wrong[:MAX_REPORT_EXAMPLES]:
-        preview = bundle.frontend.preview(val_inputs[i])
-        examples.append(
-            ReportExample(
-                path=val_examples[i].origin,
-                true_label=val_examples[i].label,
-                predicted_label=bundle.class_names[int(val_logits[i].argmax())],
-                confidence=float(probabilities[i].max()),
-                preview_png=preview if isinstance(preview, bytes) else None,
-                text=preview if isinstance(preview, str) else None,
-            )
-        )
-    config = bundle.config
-    data = ReportData(
-        title=f"layerwise run: {Path(config['data']['source']).name}",
-        summary={
-            "task": config["task"],
-            "modality": config["modality"],
-            "model": f"{summary['model']} ({summary['parameters']:,} parameters)",
-            "data": config["data"]["source"],
-            "examples": (
-                f"{config['data']['n_train']} train, {config['data']['n_val']} validation, {len(problems)} skipped"
-            ),
-            "epochs": f"{summary['epochs_run']} (best: {summary['best_epoch']}); {summary['stop_reason']}",
-            "training time": f"{summary['train_seconds']} s on {summary['device']} ({summary['machine']})",
-            "layerwise": config["layerwise_version"],
-        },  # fmt: skip
-        history=result.history,
-        class_names=bundle.class_names,
-        confusion=confusion(val_logits, val_labels, len(bundle.class_names)).tolist(),
-        metrics=summary["metrics"],
-        baseline=summary["baseline"],
-        verdict=summary["verdict"],
-        examples=examples,
-        problems=[p.to_json() for p in problems],
-        extra_sections=[layers_report_section(bundle, val_inputs, val_labels, log=say)],
-    )
-    write_report(run_dir / "report.html", data)
+def tokenizer_of(task) -> str | None:
+    """The task's tokenizer as canonical JSON, or None for inputs that are not tokens."""
+    tokenizer = (task.to_json().get("preprocessing") or {}).get("tokenizer")
+    return json.dumps(tokenizer, sort_keys=True) if tokenizer is not None else None

@@ -27,37 +27,55 @@ err_console = Console(stderr=True)
 out_console = Console()
 
 
+INTERRUPTED_EXIT = 130
+
+
 def exits_cleanly(command):
-    """Bad input -> its message and exit 2, no traceback. Ctrl-C -> exit 130."""
+    """Bad input -> its message and exit 2, no traceback. Ctrl-C -> exit 130 (also outside training)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        from layerwise.train.loop import TrainingDiverged, TrainingInterrupted
-
         try:
             return command(*args, **kwargs)
         except InputError as err:
             err_console.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
-        except TrainingInterrupted as err:
-            err_console.print(
-                f"[yellow]interrupted:[/] {escape(str(err))}; continue with --resume", highlight=False, soft_wrap=True
-            )
-            raise typer.Exit(130) from None
-        except TrainingDiverged as err:
-            err_console.print(f"[red]training diverged:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]: nothing already written was changed", highlight=False)
+            raise typer.Exit(INTERRUPTED_EXIT) from None
+        except Exception as err:
+            # Imported only here: inference commands must not import the training loop.
+            training = sys.modules.get("layerwise.training.loop")
+            if training is not None and isinstance(err, training.TrainingInterrupted):
+                message = f"[yellow]interrupted:[/] {escape(str(err))}; continue with --resume"
+                err_console.print(message, highlight=False, soft_wrap=True)
+                raise typer.Exit(INTERRUPTED_EXIT) from None
+            if training is not None and isinstance(err, training.TrainingDiverged):
+                err_console.print(f"[red]training diverged:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+                raise typer.Exit(1) from None
+            raise
 
     return wrapper
 
 
-def print_summary(summary: dict, run_dir: Path | None) -> None:
+def read_texts(texts: list[str] | None) -> list[str]:
+    """--text values; `--text -` reads one text per line from standard input."""
+    result: list[str] = []
+    for text in texts or []:
+        if text == "-":
+            result += [line for line in sys.stdin.read().splitlines() if line.strip()]
+        else:
+            result.append(text)
+    return result
+
+
+def print_summary(bundle, run_dir: Path | None) -> None:
+    summary = bundle.summary
     table = Table(title="held-out validation split", show_header=True)
     table.add_column("model")
-    table.add_column("accuracy", justify="right")
-    table.add_row(f"deep: {summary['model']}", f"{summary['metrics']['accuracy']:.2%}")
-    if summary["baseline"]:
-        table.add_row(f"classical: {summary['baseline']['model']}", f"{summary['baseline']['accuracy']:.2%}")
+    table.add_column(bundle.task.monitor.replace("_", " "), justify="right")
+    for name, value in bundle.task.summary_rows(summary):
+        table.add_row(name, value)
     out_console.print(table)
     out_console.print(summary["verdict"])
     out_console.print(f"stopped: {summary['stop_reason']}; training took {summary['train_seconds']} s")
@@ -72,33 +90,45 @@ def train_command(
         Path, typer.Argument(help="Folder with one subfolder per class, or a CSV manifest (label + path or text).")
     ],
     out: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
-    task: Annotated[str, typer.Option(help="What to learn.")] = "classify",
+    task: Annotated[str | None, typer.Option(help="What to learn: classify (default: detected from the data).")] = None,
     modality: Annotated[
         str | None, typer.Option(help="image, audio or text (default: detected from the files).")
     ] = None,
     model: Annotated[
         str | None, typer.Option(help="Registered model name (default: chosen from the data); see `layerwise models`.")
     ] = None,
-    epochs: Annotated[int, typer.Option(help="Maximum epochs (early stopping may end sooner).")] = 30,
+    epochs: Annotated[
+        int | None, typer.Option(help="Maximum epochs (early stopping may end sooner). [default: 30]")
+    ] = None,
     time_budget: Annotated[
         float | None,
         typer.Option("--time-budget", help="Stop cleanly after SEC seconds of training, keeping the best model."),
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed for the split, initialisation, order and augmentation.")] = 0,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed for the split, initialisation, order and augmentation. [default: 0]")
+    ] = None,
     val_fraction: Annotated[
-        float, typer.Option("--val-fraction", help="Fraction of each class held out for validation.")
-    ] = 0.1,
+        float | None, typer.Option("--val-fraction", help="Fraction held out for validation. [default: 0.1]")
+    ] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Default: chosen from the data size.")] = None,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warmup + cosine).")] = 3e-3,
+    lr: Annotated[
+        float | None, typer.Option(help="Peak learning rate (AdamW, warmup + cosine). [default: 0.003]")
+    ] = None,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the run in --out from its last checkpoint, with its saved settings; "
+            "only --epochs, --time-budget and --checkpoint-every may change.",
+        ),
     ] = False,
     init: Annotated[
         Path | None, typer.Option("--init", help="Start from the weights of another run (transfer learning).")
     ] = None,
     checkpoint_every: Annotated[
-        float, typer.Option("--checkpoint-every", help="Also checkpoint mid-epoch at most every SEC seconds.")
-    ] = 300.0,
+        float | None,
+        typer.Option("--checkpoint-every", help="Also checkpoint mid-epoch at most every SEC seconds. [default: 300]"),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show the live progress bar.")] = True,
 ) -> None:
     """Train a deep network on raw files and write the run directory."""
@@ -109,7 +139,7 @@ def train_command(
         val_fraction=val_fraction, batch_size=batch_size, lr=lr, init=init, resume=resume, show_progress=progress,
         checkpoint_every=checkpoint_every,
     )  # fmt: skip
-    print_summary(bundle.summary, out)
+    print_summary(bundle, out)
 
 
 @app.command("evaluate")
@@ -136,20 +166,25 @@ def evaluate_command(
 @exits_cleanly
 def predict_command(
     run: Annotated[Path, typer.Argument(help="Run directory written by `layerwise train`.")],
-    inputs: Annotated[list[Path], typer.Argument(help="Files, or folders searched recursively.")],
+    inputs: Annotated[list[Path] | None, typer.Argument(help="Files, or folders searched recursively.")] = None,
+    text: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--text", help="A raw text to classify (text runs; repeatable; '-' reads one per line from stdin)."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="How many classes to list per input.")] = 3,
 ) -> None:
-    """Predict the class of each input file. Undecodable inputs are reported and make the exit code 2."""
+    """Predict each input file (or --text). Undecodable inputs are reported and make the exit code 2."""
     from layerwise.bundle import load
 
-    predictions, problems = load(run).predict(inputs, k=top_k)
+    texts = read_texts(text)
+    if not inputs and not texts:
+        raise InputError("predict: give at least one file or folder, or --text")
+    predictions, problems = load(run).predict(list(inputs or []), k=top_k, texts=texts)
     for prediction in predictions:
-        if as_json:
-            print(json.dumps(prediction.to_json()))
-        else:
-            others = ", ".join(f"{label} {p:.2f}" for label, p in prediction.top_k[1:])
-            print(f"{prediction.path}\t{prediction.label}\t{prediction.confidence:.3f}\t{others}")
+        print(json.dumps(prediction.to_json()) if as_json else prediction.to_line())
     for problem in problems:
         if as_json:
             print(json.dumps({"path": problem.origin, "error": problem.reason}))
@@ -194,10 +229,14 @@ def main() -> None:  # pragma: no cover - console entry point
 @exits_cleanly
 def explain_command(
     run: Annotated[Path, typer.Argument(help="Run directory written by `layerwise train`.")],
-    inputs: Annotated[
-        list[str], typer.Argument(help="Files or folders (searched recursively); for a text run, also raw texts.")
-    ],
-    out: Annotated[Path, typer.Option("--out", help="Folder for the pictures and explanations.json.")],
+    inputs: Annotated[list[Path] | None, typer.Argument(help="Files or folders (searched recursively).")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the pictures and explanations.json.")] = ...,
+    text: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--text", help="A raw text to explain (text runs; repeatable; '-' reads one per line from stdin)."
+        ),
+    ] = None,
     method: Annotated[str, typer.Option(help="ig (Integrated Gradients), gradcam (Grad-CAM) or both.")] = "both",
     target: Annotated[
         str | None, typer.Option(help="Class name (or index) to explain (default: each input's predicted class).")
@@ -209,7 +248,12 @@ def explain_command(
     from layerwise.explain.run import explain_inputs, resolve_methods
 
     methods = resolve_methods(method)
-    document, problems = explain_inputs(load(run), inputs, out, methods, target)
+    texts = read_texts(text)
+    if not inputs and not texts:
+        raise InputError("explain: give at least one file or folder, or --text")
+    bundle = load(run)
+    bundle.require("explain")
+    document, problems = explain_inputs(bundle, list(inputs or []), out, methods, target, texts=texts)
     for problem in problems:
         err_console.print(f"error: {problem.origin}: {problem.reason}", highlight=False, markup=False, soft_wrap=True)
     if as_json:
@@ -244,6 +288,7 @@ def layers_command(
     from layerwise.explain.run import analyse_data, write_layers
 
     bundle = load(run)
+    bundle.require("layers")
     analysis, problems = analyse_data(bundle, data, max_examples, seed)
     document = write_layers(analysis, bundle, out, {"data": str(data), "skipped": len(problems)})
     if as_json:

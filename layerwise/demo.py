@@ -13,9 +13,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from layerwise.bundle import write_json
 from layerwise.data.datasets import DatasetUnavailable, prepare_fashion_mnist
 from layerwise.errors import InputError
+from layerwise.files import write_json
 
 DEMO_EPOCHS = 20  # on 2 CPU cores the time budget decides first (~19 epochs in 480 s)
 console = Console()

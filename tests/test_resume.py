@@ -141,7 +141,7 @@ def test_checkpoints_are_pruned_and_need_no_pickle(reference_runs) -> None:
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_one(reference_runs, tmp_path, monkeypatch) -> None:
-    from layerwise.train import checkpoint as ckpt
+    from layerwise.training import checkpoint as ckpt
 
     directory = tmp_path / "checkpoints"
     shutil.copytree(reference_runs[0] / "checkpoints", directory)
@@ -182,9 +182,9 @@ class NanAtSteps(torch.nn.Module):
 
 def train_with_nans(nan_steps: set[int], fashion_train) -> tuple[torch.nn.Module, list[str], object]:
     from layerwise import TrainConfig, train
+    from layerwise.data.batches import TensorBatches
     from layerwise.data.image import ImageFrontEnd
     from layerwise.data.sources import discover
-    from layerwise.train.batches import TensorBatches
 
     source = discover(fashion_train)
     examples = [e for e in source.examples if e.label in ("bag", "sneaker", "trouser")][::2]
@@ -213,7 +213,7 @@ def test_repeated_nans_roll_back_with_a_lower_learning_rate(fashion_train) -> No
 
 
 def test_persistent_nans_stop_with_the_step(fashion_train) -> None:
-    from layerwise.train.loop import TrainingDiverged
+    from layerwise.training.loop import TrainingDiverged
 
     with pytest.raises(
         TrainingDiverged, match=r"non-finite for 5 steps in a row up to step \d+, even after 1 roll-back"

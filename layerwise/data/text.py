@@ -21,6 +21,18 @@ MIN_LEN, MAX_LEN = 16, 128  # sequence length chosen from the data within these 
 TOKEN_MASK_PROBABILITY = 0.1  # augmentation: hide 10% of tokens behind [MASK]
 
 
+MAX_CONTROL_FRACTION = 0.1  # above this share of NUL/control bytes a file named .txt is binary
+TEXT_CONTROLS = frozenset(b"\t\n\r\f\v\x1b")  # control bytes that real text files do contain
+
+
+def check_is_text(raw: bytes) -> None:
+    """Refuse binary data named .txt: a file that is mostly NUL or control bytes is not text."""
+    sample = raw[: 1 << 20]
+    controls = sum(1 for byte in sample if byte < 0x20 and byte not in TEXT_CONTROLS)
+    if controls > MAX_CONTROL_FRACTION * len(sample):
+        raise DecodeError(f"not text: {controls / len(sample):.0%} of its bytes are NUL or control characters")
+
+
 def read_text(example: Example) -> str:
     """The example's text: inline, or the file decoded as UTF-8 (bad bytes replaced, not fatal)."""
     if example.text is not None:
@@ -29,6 +41,7 @@ def read_text(example: Example) -> str:
         raw = example.path.read_bytes()
         if not raw:
             raise DecodeError("empty file (0 bytes)")
+        check_is_text(raw)
         text = raw.decode("utf-8-sig", errors="replace")  # a byte-order mark is not text
     if not text.strip():
         raise DecodeError("empty text")

@@ -67,13 +67,14 @@ def explain_inputs(
     out_dir: Path,
     methods: tuple[str, ...] = METHODS,
     target: str | None = None,
+    texts: list[str] | None = None,
 ) -> tuple[dict, list[Problem]]:
     """Attribute each input's prediction (or `target`) with each method; write pictures + explanations.json.
 
     Returns the JSON document (also written to out_dir/explanations.json) and the undecodable inputs.
     """
     target_index = resolve_target(target, bundle.class_names)
-    examples, problems = bundle.find_inputs(inputs)
+    examples, problems = bundle.find_inputs(inputs, texts)
     make_out_dir(out_dir)
     tensors, kept, decode_problems = bundle.frontend.decode_all(examples)
     problems += decode_problems

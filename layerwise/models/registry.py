@@ -15,24 +15,29 @@ class ModelEntry:
     name: str
     build: Callable[..., nn.Module]
     modalities: tuple[str, ...]  # which inputs it suits: "image", "audio" (spectrograms), "text"
+    tasks: tuple[str, ...] = ("classify",)  # which task heads it carries
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str, modalities: tuple[str, ...]) -> Callable:
+def register_model(name: str, modalities: tuple[str, ...], tasks: tuple[str, ...] = ("classify",)) -> Callable:
     """Decorator: make a builder available to `create_model` and `--model`."""
 
     def wrap(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        _REGISTRY[name] = ModelEntry(name, build, modalities)
+        _REGISTRY[name] = ModelEntry(name, build, modalities, tasks)
         return build
 
     return wrap
 
 
-def list_models(modality: str | None = None) -> list[str]:
+def list_models(modality: str | None = None, task: str | None = None) -> list[str]:
     _load_builtin_models()
-    return sorted(n for n, e in _REGISTRY.items() if modality is None or modality in e.modalities)
+    return sorted(
+        n
+        for n, e in _REGISTRY.items()
+        if (modality is None or modality in e.modalities) and (task is None or task in e.tasks)
+    )
 
 
 def model_entry(name: str) -> ModelEntry:
@@ -49,4 +54,4 @@ def create_model(name: str, **config) -> nn.Module:
 
 def _load_builtin_models() -> None:
     # Imported here, not at module import, so the registry has no import-time side effects elsewhere.
-    from layerwise.models import convnet, resnet, transformer  # noqa: F401
+    from layerwise.models import convnet, gpt, resnet, transformer  # noqa: F401

@@ -12,7 +12,6 @@ import base64
 import html
 import io
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from layerwise.files import write_atomic
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TEXT_SNIPPET_CHARS = 300  # longer example texts are cut to this many characters
@@ -495,14 +496,7 @@ def render_report(data: ReportData) -> str:
 
 
 def write_report(path: Path, data: ReportData) -> Path:
-    """Render `data` and write it to `path` atomically (temp file + `os.replace`); returns path."""
+    """Render `data` and write it to `path` atomically; returns path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = render_report(data)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomic(path, render_report(data))

@@ -1,0 +1,34 @@
+"""The tasks layerwise learns, one explicit table (no registration side effects).
+
+A task is what differs between a category, a generated word, a box, a transcript and a structure:
+how targets are read, the head, the loss, the metrics, the decoder, the baseline and the report.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from layerwise.errors import InputError
+from layerwise.tasks.classify import ClassifyTask
+
+TASKS: dict[str, type] = {"classify": ClassifyTask}
+
+
+def task_class(name: str) -> type:
+    if name not in TASKS:
+        raise InputError(f"--task: {name!r} is not available (available: {', '.join(TASKS)})")
+    return TASKS[name]
+
+
+def detect_task(data: Path) -> str:
+    """The task the data's layout implies; classification unless it is unambiguously something else."""
+    for name, task in TASKS.items():
+        detect = getattr(task, "claims", None)
+        if detect is not None and detect(data):
+            return name
+    return "classify"
+
+
+def task_from_config(config: dict):
+    """The fitted task of a saved run (config.json)."""
+    return task_class(config.get("task", "classify")).from_config(config)

@@ -1,12 +1,35 @@
-"""Classification: metrics over logits, and decoding logits into labelled predictions."""
+"""Classification: one label per input file or text (image, audio or text classes).
+
+Targets are class indices read from class folders or a CSV `label` column; the head is pooling + a
+linear layer; the loss is cross-entropy; the monitor is accuracy; the decoder is top-k; the honest
+baseline is logistic regression on features the front end gives without learning.
+"""
 
 from __future__ import annotations
 
+import os
+import random
+import time
+from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix, f1_score, log_loss
+from torch import nn
+
+from layerwise.data.batches import TensorBatches
+from layerwise.data.frontend import FrontEnd, fit_frontend, frontend_from_json
+from layerwise.data.sources import Example, Problem, Source, check_trainable, discover, discover_files
+from layerwise.errors import InputError
+from layerwise.models.registry import model_entry
+from layerwise.runtime import predict_logits
+from layerwise.tasks.base import FitOptions, Prepared, RunMismatch, default_batch_size, fingerprint
+
+PREDICT_BATCH = 256
+VAL_BATCH = 512
+MAX_REPORT_EXAMPLES = 12
 
 
 @dataclass(frozen=True)
@@ -23,6 +46,371 @@ class Prediction:
             "confidence": round(self.confidence, 6),
             "top_k": [{"label": label, "confidence": round(p, 6)} for label, p in self.top_k],
         }
+
+    def to_line(self) -> str:
+        others = ", ".join(f"{label} {p:.2f}" for label, p in self.top_k[1:])
+        return f"{self.path}\t{self.label}\t{self.confidence:.3f}\t{others}"
+
+
+class CrossEntropyObjective:
+    """Cross-entropy with label smoothing, monitored by accuracy; also the loop's default objective."""
+
+    monitor = "accuracy"
+    higher_is_better = True
+
+    def __init__(self, label_smoothing: float = 0.1) -> None:
+        self.label_smoothing = label_smoothing
+
+    def loss(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        logits = model(inputs).float()  # (B, classes)
+        loss = nn.functional.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
+        return loss, {"accuracy": float((logits.argmax(1) == targets).float().mean())}
+
+    def evaluate(self, model: nn.Module, batches) -> dict[str, float]:
+        logits, labels = predict_logits(model, batches)
+        return {
+            "loss": float(nn.functional.cross_entropy(logits, labels)),
+            "accuracy": float((logits.argmax(1) == labels).float().mean()),
+        }
+
+
+class ClassifyTask(CrossEntropyObjective):
+    """A fitted classification task: the front end (preprocessing) and the class labels."""
+
+    name = "classify"
+    commands = frozenset({"predict", "evaluate", "explain", "layers"})
+
+    def __init__(self, frontend: FrontEnd, class_names: list[str], label_smoothing: float = 0.1) -> None:
+        super().__init__(label_smoothing)
+        self.frontend = frontend
+        self.class_names = class_names
+
+    @property
+    def modality(self) -> str:
+        return self.frontend.modality
+
+    def to_json(self) -> dict:
+        return {"modality": self.modality, "preprocessing": self.frontend.to_json(), "class_labels": self.class_names}
+
+    @classmethod
+    def from_config(cls, config: dict) -> ClassifyTask:
+        return cls(frontend_from_json(config["preprocessing"]), list(config["class_labels"]))
+
+    # ------------------------------------------------------------------ training data
+
+    @classmethod
+    def prepare(cls, data: Path, options: FitOptions, saved: dict | None = None, donor=None, log=print) -> Prepared:
+        """Discover, split and decode the data; fit (or, resuming, restore) the preprocessing."""
+        modality = saved["modality"] if saved else options.modality
+        source = discover(data, modality)
+        if saved:
+            check_same_classes(source, saved["class_labels"])
+        train_examples, val_examples = stratified_split(source.examples, options.val_fraction, options.seed)
+        if saved:
+            frontend = frontend_from_json(saved["preprocessing"])
+        elif donor is not None and getattr(donor.task, "modality", None) == source.modality:
+            frontend = donor.task.frontend  # the donor's tokenizer / statistics: its weights expect them
+            log("preprocessing (tokenizer, sizes, statistics) taken from the --init run")
+        else:
+            frontend = fit_frontend(source.modality, train_examples)
+        log(f"{source.root}: {len(source.examples)} {source.modality} examples, {len(source.class_names)} classes")
+        decode_started = time.perf_counter()
+        train_inputs, kept, train_problems = frontend.decode_all(train_examples)
+        train_examples = [train_examples[i] for i in kept]
+        val_inputs, kept, val_problems = frontend.decode_all(val_examples)
+        val_examples = [val_examples[i] for i in kept]
+        decode_seconds = time.perf_counter() - decode_started
+        problems = source.problems + train_problems + val_problems
+        check_trainable([ex.label for ex in train_examples + val_examples], source.class_names, source.root)
+        if not val_examples:
+            raise InputError(f"{source.root}: too few usable examples to hold any out for validation")
+        class_names = saved["class_labels"] if saved else sorted({ex.label for ex in train_examples + val_examples})
+        index = {name: i for i, name in enumerate(class_names)}
+        train_labels = torch.tensor([index[ex.label] for ex in train_examples])
+        val_labels = torch.tensor([index[ex.label] for ex in val_examples])
+        if not saved and frontend is not getattr(getattr(donor, "task", None), "frontend", None):
+            frontend.fit_statistics(train_inputs)
+        data_summary = {
+            "source": str(source.root), "n_train": len(train_examples), "n_val": len(val_examples),
+            "n_skipped": len(problems), "val_fraction": options.val_fraction,
+            "fingerprint": fingerprint(
+                [f"train {example_key(e, source.root)}" for e in train_examples]
+                + [f"val {example_key(e, source.root)}" for e in val_examples]
+            ),
+        }  # fmt: skip
+        if saved:
+            check_same_data(saved["data"], data_summary, source.root)
+        model_name = options.model or default_model(source.modality, frontend, len(train_examples))
+        model_config = model_overrides(model_name, source.modality, frontend) | {"num_classes": len(class_names)}
+        batch = options.batch_size or default_batch_size(len(train_examples))
+        task = cls(frontend, class_names)
+        return Prepared(
+            task=task,
+            train_batches=TensorBatches(
+                train_inputs,
+                train_labels,
+                batch,
+                frontend.model_input,
+                frontend.augment,
+                shuffle=True,
+                seed=options.seed,
+            ),  # fmt: skip
+            val_batches=TensorBatches(val_inputs, val_labels, VAL_BATCH, frontend.model_input),
+            model_name=model_name,
+            model_config=model_config,
+            data_summary=data_summary,
+            problems=problems,
+            batch_size=batch,
+            extras={
+                "train_inputs": train_inputs,
+                "train_labels": train_labels,
+                "val_inputs": val_inputs,
+                "val_labels": val_labels,
+                "val_examples": val_examples,
+                "decode_seconds": decode_seconds,
+                "split": f"validation: {options.val_fraction:.0%} of the data, stratified, seed {options.seed} "
+                "(also used for early stopping)",
+            },  # fmt: skip
+        )
+
+    # ------------------------------------------------------------------ after training
+
+    def final_metrics(self, network: nn.Module, prepared: Prepared) -> dict[str, float]:
+        logits, labels = predict_logits(network, prepared.val_batches)
+        prepared.extras["val_logits"] = logits
+        return classification_metrics(logits, labels, len(self.class_names))
+
+    def baseline(self, prepared: Prepared, seed: int) -> dict:
+        from layerwise.baseline import fit_baseline
+
+        extras = prepared.extras
+        return fit_baseline(
+            self.modality,
+            self.frontend.baseline_features(extras["train_inputs"]),
+            extras["train_labels"].numpy(),
+            self.frontend.baseline_features(extras["val_inputs"]),
+            extras["val_labels"].numpy(),
+            seed=seed,
+        )
+
+    def verdict(self, metrics: dict, baseline: dict) -> str:
+        from layerwise.baseline import verdict
+
+        return verdict(metrics["accuracy"], baseline.get("accuracy"))
+
+    def summary_rows(self, summary: dict) -> list[tuple[str, str]]:
+        """(model, value) rows of the CLI's result table, deep first."""
+        rows = [(f"deep: {summary['model']}", f"{summary['metrics']['accuracy']:.2%}")]
+        if summary["baseline"]:
+            rows.append((f"classical: {summary['baseline']['model']}", f"{summary['baseline']['accuracy']:.2%}"))
+        return rows
+
+    def write_report(self, run_dir: Path, bundle, summary: dict, result, prepared: Prepared, log=print) -> None:
+        from layerwise.explain import layers_report_section
+        from layerwise.report import Example as ReportExample
+        from layerwise.report import ReportData, write_report
+
+        extras = prepared.extras
+        val_logits, val_labels = extras["val_logits"], extras["val_labels"]
+        probabilities = torch.softmax(val_logits, 1)
+        wrong = (val_logits.argmax(1) != val_labels).nonzero().flatten().tolist()
+        wrong.sort(key=lambda i: -float(probabilities[i].max()))  # confidently wrong first
+        examples = []
+        for i in wrong[:MAX_REPORT_EXAMPLES]:
+            preview = self.frontend.preview(extras["val_inputs"][i])
+            examples.append(
+                ReportExample(
+                    path=extras["val_examples"][i].origin,
+                    true_label=extras["val_examples"][i].label,
+                    predicted_label=self.class_names[int(val_logits[i].argmax())],
+                    confidence=float(probabilities[i].max()),
+                    preview_png=preview if isinstance(preview, bytes) else None,
+                    text=preview if isinstance(preview, str) else None,
+                )
+            )
+        data = ReportData(
+            title=f"layerwise run: {Path(bundle.config['data']['source']).name}",
+            summary=report_summary(bundle.config, summary),
+            history=result.history,
+            class_names=self.class_names,
+            confusion=confusion(val_logits, val_labels, len(self.class_names)).tolist(),
+            metrics=summary["metrics"],
+            baseline=summary["baseline"],
+            verdict=summary["verdict"],
+            examples=examples,
+            problems=[p.to_json() for p in prepared.problems],
+            extra_sections=[layers_report_section(bundle, extras["val_inputs"], val_labels, log=log)],
+        )
+        write_report(run_dir / "report.html", data)
+
+    # ------------------------------------------------------------------ inference
+
+    def logits(self, network: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        """Cached front-end tensors (N, ...) -> logits (N, classes)."""
+        labels = torch.zeros(len(inputs), dtype=torch.int64)
+        return predict_logits(network, TensorBatches(inputs, labels, PREDICT_BATCH, self.frontend.model_input))[0]
+
+    def find_inputs(
+        self, inputs: list[str | Path], texts: list[str] | None = None
+    ) -> tuple[list[Example], list[Problem]]:
+        """Files and folders (searched recursively), and raw `texts` for a text model.
+
+        For backward compatibility a str input to a text model that does not exist and does not look
+        like a path (no known extension, no path separator) is a raw text; one that looks like a path
+        is an error naming it, so a mistyped file name is never classified as text.
+        """
+        examples: list[Example] = []
+        paths: list[Path] = []
+        for item in inputs:
+            if isinstance(item, str) and not Path(item).exists() and not looks_like_path(item):
+                if self.modality != "text":
+                    raise InputError(f"{item}: no such file or directory")
+                texts = [*(texts or []), item]
+            else:
+                paths.append(Path(item))
+        if texts and self.modality != "text":
+            raise InputError(f"--text: this run classifies {self.modality}, not text")
+        for i, text in enumerate(texts or []):
+            if not text.strip():
+                raise InputError(f"--text #{i + 1}: empty text")
+            examples.append(Example(origin=text[:60], label=None, text=text))
+        problems: list[Problem] = []
+        if paths:
+            found = discover_files(paths, self.modality)
+            examples += found.examples
+            problems += found.problems
+        return examples, problems
+
+    def predict(
+        self, network: nn.Module, inputs: list[str | Path], texts: list[str] | None = None, k: int = 3
+    ) -> tuple[list[Prediction], list[Problem]]:
+        examples, problems = self.find_inputs(inputs, texts)
+        tensors, kept, decode_problems = self.frontend.decode_all(examples)
+        problems += decode_problems
+        origins = [examples[i].origin for i in kept]
+        return decode(self.logits(network, tensors), self.class_names, origins, k), problems
+
+    def labelled_examples(self, source: Source) -> tuple[list[Example], list[int], list[Problem]]:
+        """The examples whose label is one of this model's classes, their class indices, and the rest as problems."""
+        index = {name: i for i, name in enumerate(self.class_names)}
+        examples, problems = [], list(source.problems)
+        for example in source.examples:
+            if example.label in index:
+                examples.append(example)
+            else:
+                problems.append(Problem(example.origin, f"label {example.label!r} is not one of the model's classes"))
+        return examples, [index[ex.label] for ex in examples], problems
+
+    def evaluate_data(self, network: nn.Module, data: str | Path | Source) -> tuple[dict, list[Problem]]:
+        """Metrics on labelled data (a class-folder tree or CSV manifest) and the skipped inputs."""
+        source = data if isinstance(data, Source) else discover(data, self.modality)
+        examples, label_ids, problems = self.labelled_examples(source)
+        tensors, kept, decode_problems = self.frontend.decode_all(examples)
+        problems += decode_problems
+        if not kept:
+            raise InputError(f"{source.root}: no usable labelled examples to evaluate")
+        labels = torch.tensor([label_ids[i] for i in kept])
+        return classification_metrics(self.logits(network, tensors), labels, len(self.class_names)), problems
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def looks_like_path(item: str) -> bool:
+    """A string meant as a file: it has a path separator or ends in a known file extension."""
+    from layerwise.data.sources import modality_of_extension
+
+    suffix = Path(item).suffix
+    return "/" in item or os.sep in item or modality_of_extension(suffix) is not None or suffix.lower() == ".csv"
+
+
+def example_key(example: Example, root: Path) -> str:
+    """An example's identity that survives moving the data folder: its relative path or its text."""
+    if example.path is not None:
+        base = root if root.is_dir() else root.parent
+        return f"{example.label}\t{os.path.relpath(example.path, base)}"
+    return f"{example.label}\t{fingerprint([example.text or ''])}"
+
+
+def check_same_classes(source: Source, saved_classes: list[str]) -> None:
+    missing = sorted(set(saved_classes) - set(source.class_names))
+    new = sorted(set(source.class_names) - set(saved_classes))
+    if missing or new:
+        parts = []
+        if missing:
+            parts.append(f"class {', '.join(map(repr, missing))} missing")
+        if new:
+            parts.append(f"class {', '.join(map(repr, new))} not in the run")
+        raise RunMismatch(
+            f"--resume: {source.root} no longer matches the run ({'; '.join(parts)}); "
+            f"the run was trained on {', '.join(saved_classes)}"
+        )
+
+
+def check_same_data(saved: dict, now: dict, root: Path) -> None:
+    if saved.get("fingerprint") not in (None, now["fingerprint"]):
+        raise RunMismatch(
+            f"--resume: {root} no longer matches the run: its usable examples differ "
+            f"({now['n_train']} train / {now['n_val']} validation now, {saved['n_train']} / {saved['n_val']} "
+            "when the run started); resume with the same data, or train a new run"
+        )
+
+
+def stratified_split(examples: list[Example], val_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold out `val_fraction` of each class (at least one example of any class with two or more)."""
+    by_class: dict[str, list[Example]] = defaultdict(list)
+    for example in examples:
+        by_class[example.label].append(example)
+    rng = random.Random(seed)
+    train_part, val_part = [], []
+    for label in sorted(by_class):
+        members = by_class[label][:]
+        rng.shuffle(members)
+        n_val = 0 if len(members) < 2 else min(len(members) - 1, max(1, round(val_fraction * len(members))))
+        val_part += members[:n_val]
+        train_part += members[n_val:]
+    return train_part, val_part
+
+
+def default_model(modality: str, frontend: FrontEnd, n_train: int) -> str:
+    """A good default per modality, from the input size and the amount of data."""
+    if modality == "text":
+        return "transformer_tiny" if n_train < 50_000 else "transformer_small"
+    if modality == "image" and frontend.prep.side <= 48:
+        return "convnet_s"  # fast and accurate on small images (Fashion-MNIST: ~93.5%)
+    return "resnet_s"
+
+
+def model_overrides(model_name: str, modality: str, frontend: FrontEnd) -> dict:
+    """Builder arguments the data decides: input channels / vocabulary, and the stem stride."""
+    entry = model_entry(model_name)
+    if "classify" not in entry.tasks:
+        raise InputError(f"--model {model_name} is a {'/'.join(entry.tasks)} model, not a classifier")
+    if modality not in entry.modalities:
+        raise InputError(
+            f"--model {model_name} does not take {modality} input (it takes {', '.join(entry.modalities)})"
+        )
+    config = dict(frontend.model_inputs)
+    if model_name.startswith("resnet"):
+        # Spectrograms (64 bands x 100 frames a second) and large images are downsampled early.
+        large = modality == "audio" or frontend.prep.side > 64
+        config["stem_stride"] = 2 if large else 1
+    return config
+
+
+def report_summary(config: dict, summary: dict) -> dict[str, str]:
+    """The key/value table at the top of report.html, for any task."""
+    data = config["data"]
+    return {
+        "task": config["task"],
+        "modality": config["modality"],
+        "model": f"{summary['model']} ({summary['parameters']:,} parameters)",
+        "data": data["source"],
+        "examples": f"{data['n_train']} train, {data['n_val']} validation, {data['n_skipped']} skipped",
+        "epochs": f"{summary['epochs_run']} (best: {summary['best_epoch']}); {summary['stop_reason']}",
+        "training time": f"{summary['train_seconds']} s on {summary['device']} ({summary['machine']})",
+        "layerwise": config["layerwise_version"],
+    }
 
 
 def decode(logits: torch.Tensor, class_names: list[str], origins: list[str], k: int = 3) -> list[Prediction]:

@@ -1,7 +1,8 @@
 """The one training loop: AdamW, warmup + cosine, mixed precision, early stopping, checkpoints.
 
-Read top to bottom in `train()`. Everything it needs comes in as arguments; everything it learned
-goes out in the `TrainResult` (and, when `out_dir` is given, history.jsonl and checkpoints/).
+Read top to bottom in `train()`. Everything it needs comes in as arguments (the task's loss and
+evaluation included: the loop never asks which task it trains); everything it learned goes out in
+the `TrainResult` (and, when `out_dir` is given, history.jsonl and checkpoints/).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import json
 import math
 import signal
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,8 +20,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from layerwise.errors import InputError
-from layerwise.train.batches import TensorBatches
-from layerwise.train.checkpoint import (
+from layerwise.runtime import autocast_for, channels_last_for, resolve_device, to_device
+from layerwise.tasks.base import Batches, Objective, score
+from layerwise.training.checkpoint import (
     Checkpoint,
     cpu_copy,
     list_checkpoints,
@@ -44,7 +46,7 @@ class TrainConfig:
     warmup_fraction: float = 0.1  # of the whole run, linear warmup before the cosine decay
     label_smoothing: float = 0.1
     grad_clip: float = 5.0
-    patience: int = 6  # epochs without a better validation accuracy before stopping early
+    patience: int = 6  # epochs without a better validation score before stopping early
     time_budget_s: float | None = None  # stop cleanly (keeping the best model) after this many seconds
     seed: int = 0
     mixed_precision: bool = True  # bf16 autocast where the hardware supports it
@@ -62,6 +64,9 @@ class TrainConfig:
             raise InputError(f"warmup fraction must be in [0, 1), not {self.warmup_fraction}")
 
 
+STOP_EPOCHS, STOP_TIME_BUDGET, STOP_EARLY = "epochs", "time_budget", "early_stopping"
+
+
 @dataclass
 class LoopState:
     """Where training stands; saved as JSON in every checkpoint, so a resumed run continues exactly."""
@@ -69,23 +74,35 @@ class LoopState:
     epoch: int = 0  # epochs completed
     step_in_epoch: int = 0  # batches of the current epoch already trained on
     global_step: int = 0
-    bad_epochs: int = 0  # epochs since the best validation accuracy
+    bad_epochs: int = 0  # epochs since the best validation score
     best_epoch: int = -1
-    best_accuracy: float = -1.0
+    best_score: float = -math.inf  # the task's monitored metric, signed so that higher is better
     seconds: float = 0.0  # training wall time before this process
     lr_scale: float = 1.0  # lowered after a roll-back from non-finite losses
     rollbacks: int = 0
     epoch_loss_sum: float = 0.0  # running sums of the current epoch, for history.jsonl
-    epoch_correct: int = 0
-    epoch_seen: int = 0
+    epoch_stat_sums: dict[str, float] = field(default_factory=dict)
+    epoch_seen: int = 0  # batches of the current epoch that counted towards the sums
+    stop_kind: str = ""  # why training ended ("" while it has not): STOP_EPOCHS, STOP_TIME_BUDGET, STOP_EARLY
+    stop_reason: str = ""  # the same in words
     history: list[dict] = field(default_factory=list)
+
+    def finished_under(self, config: TrainConfig) -> bool:
+        """True when this state has nothing left to train under `config` (which may allow more)."""
+        if self.stop_kind == STOP_EARLY:
+            return True
+        if self.stop_kind == STOP_TIME_BUDGET:
+            return config.time_budget_s is not None and config.time_budget_s <= self.seconds
+        if self.stop_kind == STOP_EPOCHS:
+            return config.epochs <= self.epoch
+        return False
 
 
 @dataclass
 class TrainResult:
     history: list[dict]
     best_epoch: int
-    best_accuracy: float
+    best_score: float  # signed so that higher is better
     stop_reason: str
     seconds: float
     global_step: int
@@ -97,28 +114,6 @@ class TrainingDiverged(RuntimeError):
 
 class TrainingInterrupted(RuntimeError):
     """SIGINT/SIGTERM arrived; a checkpoint was written first so `--resume` can continue."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def autocast_for(device: torch.device, enabled: bool):
-    """bf16 autocast: on CUDA when supported, on CPUs with native bf16 (AVX512-BF16/AMX)."""
-    if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if enabled and device.type == "cpu" and torch.backends.mkldnn.is_available() and _cpu_has_bf16():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def learning_rate(config: TrainConfig, progress: float) -> float:
@@ -141,36 +136,9 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
 
 def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
     model.to(device)
-    if device.type == "cpu" and _has_conv(model):
+    if channels_last_for(model, device):
         model.to(memory_format=torch.channels_last)  # oneDNN convolutions are faster in NHWC
     return model
-
-
-def _has_conv(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.Conv2d) for m in model.modules())
-
-
-def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
-
-
-@torch.no_grad()
-def predict_logits(
-    model: nn.Module, batches, device: torch.device | None = None, mixed_precision: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (N, classes) in float32 and labels (N,) for every batch of epoch 0, in order."""
-    device = device or next(model.parameters()).device
-    channels_last = device.type == "cpu" and _has_conv(model)
-    was_training = model.training
-    model.eval()
-    logits, labels = [], []
-    for x, y in batches.epoch(0):
-        with autocast_for(device, mixed_precision):
-            logits.append(model(_to_device(x, device, channels_last)).float().cpu())
-        labels.append(y)
-    model.train(was_training)
-    return torch.cat(logits), torch.cat(labels)
 
 
 @contextmanager
@@ -198,7 +166,7 @@ def _progress(enabled: bool) -> Progress:
     return Progress(
         TextColumn("epoch {task.fields[epoch]}"),
         BarColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.3f}  {task.fields[rate]:.0f} ex/s"),
+        TextColumn("{task.fields[stats]}  {task.fields[rate]:.0f} batches/s"),
         TimeElapsedColumn(),
         TextColumn("ETA {task.fields[eta]}"),
         disable=not enabled,
@@ -208,36 +176,46 @@ def _progress(enabled: bool) -> Progress:
 
 def train(
     model: nn.Module,
-    train_batches: TensorBatches,
-    val_batches: TensorBatches,
+    train_batches: Batches,
+    val_batches: Batches,
     config: TrainConfig,
     out_dir: Path | None = None,
-    resume: bool = False,
+    resume: bool | Checkpoint | None = False,
     show_progress: bool = True,
     log=print,
+    objective: Objective | None = None,
 ) -> TrainResult:
-    """Fit `model` on `train_batches`, keeping the weights with the best validation accuracy.
+    """Fit `model` on `train_batches`, keeping the weights with the best validation score.
 
-    With `out_dir`: appends one line per epoch to out_dir/history.jsonl and writes resumable
-    checkpoints to out_dir/checkpoints/. With `resume=True`: continues from the newest good one.
+    `objective` gives the loss and the validation metrics (default: classification with
+    cross-entropy, monitored by accuracy). With `out_dir`: appends one line per epoch to
+    out_dir/history.jsonl and writes resumable checkpoints to out_dir/checkpoints/. With
+    `resume=True`: continues from the newest good checkpoint (or from the one passed).
     """
+    if objective is None:
+        from layerwise.tasks.classify import CrossEntropyObjective
+
+        objective = CrossEntropyObjective(config.label_smoothing)
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     model = prepare_model(model, device)
-    channels_last = device.type == "cpu" and _has_conv(model)
+    channels_last = channels_last_for(model, device)
     optimizer = make_optimizer(model, config)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     total_steps = config.epochs * len(train_batches)
     checkpoint_dir = out_dir / "checkpoints" if out_dir else None
 
     state = LoopState()
     best_weights = _cpu_copy(model.state_dict())
     if resume:
-        checkpoint = load_latest_checkpoint(checkpoint_dir, warn=log)
+        checkpoint = resume if isinstance(resume, Checkpoint) else load_latest_checkpoint(checkpoint_dir, warn=log)
         restore_training_tensors(checkpoint, model, optimizer)
         state = LoopState(**checkpoint.state["loop"])
         best_weights = _prefixed(checkpoint.tensors, "best.")
-        log(f"resuming from {checkpoint.path.name}: epoch {state.epoch + 1}, step {state.step_in_epoch}")
+        if state.finished_under(config):
+            log(f"the run had already finished ({state.stop_reason}); nothing more to train")
+        else:
+            state.stop_kind = state.stop_reason = ""
+            log(f"resuming from {checkpoint.path.name}: epoch {state.epoch + 1}, step {state.step_in_epoch}")
     elif checkpoint_dir is not None and list_checkpoints(checkpoint_dir):
         raise InputError(
             f"{out_dir} already holds a training run; pass --resume to continue it or choose another --out"
@@ -267,13 +245,20 @@ def train(
                 log(f"warning: could not write a checkpoint ({err.strerror or err}); the previous one is kept")
         return tensors, json_state
 
+    def stop(kind: str, reason: str) -> None:
+        state.stop_kind, state.stop_reason = kind, reason
+
     last_good = snapshot()  # rolled back to after repeated non-finite steps
-    stop_reason, bad_steps = "finished all epochs", 0
+    bad_steps = 0
     last_checkpoint = time.perf_counter()
     with _stop_requests() as stop_requests, _progress(show_progress) as progress:
         bar = progress.add_task("train", total=total_steps, completed=state.global_step, **_bar_fields(state, 0.0, "-"))
         first_step = state.global_step
-        while state.epoch < config.epochs and stop_reason == "finished all epochs":
+        while not state.stop_kind:
+            if state.epoch >= config.epochs:
+                stop(STOP_EPOCHS, "finished all epochs")
+                checkpoint_now()  # so that a resumed run knows it is done
+                break
             model.train()
             epoch_started, rolled_back = time.perf_counter(), False
             lr = state.lr_scale * learning_rate(config, state.global_step / total_steps)  # if no step is left
@@ -284,10 +269,9 @@ def train(
                 lr = state.lr_scale * learning_rate(config, progress_fraction)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                x, y = _to_device(x, device, channels_last), y.to(device)
+                x, y = to_device(x, device, channels_last), to_device(y, device)
                 with autocast_for(device, config.mixed_precision):
-                    logits = model(x)
-                    loss = loss_fn(logits.float(), y)
+                    loss, stats = objective.loss(model, x, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -308,11 +292,12 @@ def train(
                 else:
                     bad_steps = 0
                     optimizer.step()
+                    state.epoch_loss_sum += loss.item()
+                    for name, value in stats.items():
+                        state.epoch_stat_sums[name] = state.epoch_stat_sums.get(name, 0.0) + value
+                    state.epoch_seen += 1
                 state.step_in_epoch += 1
                 state.global_step += 1
-                state.epoch_loss_sum += loss.item() * len(y) if bad_steps == 0 else 0.0
-                state.epoch_correct += int((logits.argmax(1) == y).sum())
-                state.epoch_seen += len(y)
                 eta = _eta(state, total_steps, first_step, time.perf_counter() - started, config, elapsed())
                 rate = state.epoch_seen / max(time.perf_counter() - epoch_started, 1e-9)
                 progress.update(bar, completed=state.global_step, **_bar_fields(state, rate, eta))
@@ -320,7 +305,7 @@ def train(
                     checkpoint_now()
                     raise TrainingInterrupted(f"stopped by signal at step {state.global_step}; checkpoint written")
                 if config.time_budget_s and elapsed() >= config.time_budget_s:
-                    stop_reason = f"time budget of {config.time_budget_s:g} s reached"
+                    stop(STOP_TIME_BUDGET, f"time budget of {config.time_budget_s:g} s reached")
                     break
                 if time.perf_counter() - last_checkpoint >= config.checkpoint_every_s:
                     last_good = checkpoint_now()
@@ -328,33 +313,38 @@ def train(
             if rolled_back:
                 continue
 
-            val_logits, val_labels = predict_logits(model, val_batches, device, config.mixed_precision)
-            val_accuracy = float((val_logits.argmax(1) == val_labels).float().mean())
-            record = {
-                "epoch": state.epoch + 1, "step": state.global_step,
-                "train_loss": state.epoch_loss_sum / max(state.epoch_seen, 1),
-                "train_accuracy": state.epoch_correct / max(state.epoch_seen, 1),
-                "val_loss": float(nn.functional.cross_entropy(val_logits, val_labels)),
-                "val_accuracy": val_accuracy, "lr": lr, "seconds": round(elapsed(), 2),
-            }  # fmt: skip
+            val_metrics = objective.evaluate(model, val_batches)
+            seen = max(state.epoch_seen, 1)
+            record = {"epoch": state.epoch + 1, "step": state.global_step, "train_loss": state.epoch_loss_sum / seen}
+            record |= {f"train_{name}": total / seen for name, total in state.epoch_stat_sums.items()}
+            record |= {f"val_{name}": value for name, value in val_metrics.items()}
+            record |= {"lr": lr, "seconds": round(elapsed(), 2)}
             state.history.append(record)
             if out_dir is not None:
                 with open(out_dir / "history.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
-            if val_accuracy > state.best_accuracy:
-                state.best_accuracy, state.best_epoch, state.bad_epochs = val_accuracy, state.epoch + 1, 0
+            epoch_score = score(objective, val_metrics)
+            if epoch_score > state.best_score:
+                state.best_score, state.best_epoch, state.bad_epochs = epoch_score, state.epoch + 1, 0
                 best_weights = _cpu_copy(model.state_dict())
             else:
                 state.bad_epochs += 1
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
-            state.epoch_loss_sum, state.epoch_correct, state.epoch_seen = 0.0, 0, 0
+            state.epoch_loss_sum, state.epoch_stat_sums, state.epoch_seen = 0.0, {}, 0
+            if state.bad_epochs >= config.patience and not state.stop_kind:
+                stop(
+                    STOP_EARLY,
+                    f"early stopping: no better validation {objective.monitor} for {state.bad_epochs} epochs",
+                )
+            if not state.stop_kind and state.epoch >= config.epochs:
+                stop(STOP_EPOCHS, "finished all epochs")
             last_good = checkpoint_now()
             last_checkpoint = time.perf_counter()
-            if state.bad_epochs >= config.patience and stop_reason == "finished all epochs":
-                stop_reason = f"early stopping: no better validation accuracy for {state.bad_epochs} epochs"
 
     model.load_state_dict(best_weights)
-    return TrainResult(state.history, state.best_epoch, state.best_accuracy, stop_reason, elapsed(), state.global_step)
+    return TrainResult(
+        state.history, state.best_epoch, state.best_score, state.stop_reason, elapsed(), state.global_step
+    )
 
 
 def _cpu_copy(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -394,10 +384,6 @@ def _eta(
 
 def _bar_fields(state: LoopState, rate: float, eta: str) -> dict:
     seen = max(state.epoch_seen, 1)
-    return {
-        "epoch": state.epoch + 1,
-        "loss": state.epoch_loss_sum / seen,
-        "acc": state.epoch_correct / seen,
-        "rate": rate,
-        "eta": eta,
-    }
+    stats = f"loss {state.epoch_loss_sum / seen:.3f}"
+    stats += "".join(f"  {name} {total / seen:.3f}" for name, total in state.epoch_stat_sums.items())
+    return {"epoch": state.epoch + 1, "stats": stats, "rate": rate, "eta": eta}

@@ -1,0 +1,101 @@
+"""What a task is: the part of learning that differs between a category, a generated word, a box, ...
+
+The shared core (the training loop, the run directory, checkpoints, the CLI plumbing) talks to a task
+only through these small interfaces and never asks which task it is. See DESIGN.md, "Tasks".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from layerwise.data.sources import Problem
+from layerwise.errors import InputError
+
+
+class Batches(Protocol):
+    """Seeded batches: epoch `e`, batch `i` depends only on (seed, e, i), so resume is exact."""
+
+    def __len__(self) -> int: ...
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, Any]]: ...  # (inputs, targets)
+
+
+class Objective(Protocol):
+    """What the training loop needs from a task."""
+
+    monitor: str  # the evaluate() key that picks the best weights and drives early stopping
+    higher_is_better: bool
+
+    def loss(self, model: nn.Module, inputs: Any, targets: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """The training loss of one batch, and per-batch statistics (means) for history.jsonl."""
+        ...
+
+    def evaluate(self, model: nn.Module, batches: Batches) -> dict[str, float]:
+        """Validation metrics, including "loss" and `monitor`."""
+        ...
+
+
+class Task(Objective, Protocol):
+    """A fitted task: the objective plus what inference needs (labels, tokenizer, decoder)."""
+
+    name: str
+
+    def to_json(self) -> dict:
+        """The fields of config.json that rebuild this task at load time (preprocessing, labels, ...)."""
+        ...
+
+
+@dataclass
+class Prepared:
+    """Everything `fit` needs from a task's data preparation, before a network exists."""
+
+    task: Task
+    train_batches: Batches
+    val_batches: Batches
+    model_name: str
+    model_config: dict
+    data_summary: dict  # config.json "data": source, n_train, n_val, fingerprint, ...
+    problems: list[Problem]
+    batch_size: int
+    extras: dict = field(default_factory=dict)  # task-private leftovers for the baseline and report
+
+
+def score(objective: Objective, metrics: dict[str, float]) -> float:
+    """The monitored metric as a number where higher is better."""
+    value = float(metrics[objective.monitor])
+    return value if objective.higher_is_better else -value
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """The user's training options that data preparation needs (the rest go to `TrainConfig`)."""
+
+    modality: str | None = None
+    model: str | None = None
+    seed: int = 0
+    val_fraction: float = 0.1
+    batch_size: int | None = None
+
+
+def default_batch_size(n_train: int) -> int:
+    """256 for large data; smaller for small data so each epoch still takes several steps."""
+    return int(min(256, max(16, 2 ** round(math.log2(max(n_train, 1) / 8)))))
+
+
+def fingerprint(items: list[str]) -> str:
+    """A short digest of what a run was trained on, so that `--resume` can tell when the data changed."""
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(item.encode("utf-8", "surrogatepass") + b"\0")
+    return digest.hexdigest()[:16]
+
+
+class RunMismatch(InputError):
+    """--resume (or --init) met data or settings that do not fit the saved run."""
