@@ -22,7 +22,7 @@ from layerwise import __version__
 from layerwise.bundle import CONFIG_FILE, FORMAT_VERSION, Model, load
 from layerwise.data.sources import Problem
 from layerwise.errors import InputError
-from layerwise.files import write_json
+from layerwise.files import write_atomic, write_json
 from layerwise.models.registry import create_model
 from layerwise.tasks import detect_task, task_class
 from layerwise.tasks.base import FitOptions, RunMismatch
@@ -166,6 +166,8 @@ def fit(
     if run_dir is not None:
         bundle.save(run_dir)
         write_json(run_dir / "metrics.json", summary)
+        for name, content in getattr(prepared.task, "run_files", dict)().items():
+            write_atomic(run_dir / name, content)
         prepared.task.write_report(run_dir, bundle, summary, result, prepared, log=say)
     bundle.summary = summary
     return bundle

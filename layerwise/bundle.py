@@ -75,6 +75,11 @@ class Model:
     def labelled_examples(self, source):
         return self.task.labelled_examples(source)
 
+    def generate(self, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8, **options):
+        """Continue `prompt` (generate runs): a `Generation` with .text and .to_json(). See `layerwise generate`."""
+        self.require("generate")
+        return self.task.generate(self.network, prompt, max_new_tokens, temperature, **options)
+
     def evaluate(self, data):
         """Metrics on held-out data in the task's own format, and the skipped inputs."""
         self.require("evaluate")

@@ -160,6 +160,8 @@ def evaluate_command(
         return
     for name, value in metrics.items():
         out_console.print(f"{name:>14}: {value:.4f}" if isinstance(value, float) else f"{name:>14}: {value}")
+    if problems:
+        out_console.print(f"{'skipped':>14}: {len(problems)}")
 
 
 @app.command("predict")
@@ -193,6 +195,49 @@ def predict_command(
         raise typer.Exit(2)
 
 
+@app.command("generate")
+@exits_cleanly
+def generate_command(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `layerwise train --task generate`.")],
+    prompt: Annotated[str, typer.Option("--prompt", help="Text to continue ('-' reads it from stdin).")],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate.")] = 200,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 0.8,
+    top_k: Annotated[int | None, typer.Option("--top-k", min=1, help="Sample among the K likeliest tokens.")] = None,
+    top_p: Annotated[
+        float | None, typer.Option("--top-p", help="Sample among the likeliest tokens holding P of the mass.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for sampling (the same seed gives the same text).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming text.")] = False,
+) -> None:
+    """Continue a prompt with a trained language model, streaming the text as it is produced."""
+    from layerwise.bundle import load
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if top_p is not None and not 0 < top_p <= 1:
+        raise InputError(f"--top-p must be in (0, 1], not {top_p}")
+    bundle = load(run)
+    bundle.require("generate")
+
+    def stream(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    note = lambda message: err_console.print(message, highlight=False, markup=False)  # noqa: E731
+    result = bundle.generate(
+        prompt, max_new_tokens, temperature, top_k=top_k, top_p=top_p, seed=seed,
+        on_text=None if as_json else stream, log=note,
+    )  # fmt: skip
+    if as_json:
+        print(json.dumps(result.to_json()))
+    else:
+        print()
+        err_console.print(
+            f"{result.new_tokens} tokens in {result.seconds:.2f} s ({result.to_json()['tokens_per_second']} tokens/s)",
+            highlight=False,
+        )
+
+
 @app.command("demo")
 @exits_cleanly
 def demo_command(
@@ -201,15 +246,22 @@ def demo_command(
         Path | None,
         typer.Option("--data-dir", help="Where the PNG folders are prepared (default: ~/.cache/layerwise)."),
     ] = None,
-    time_budget: Annotated[float, typer.Option("--time-budget", help="Training seconds.")] = 480.0,
+    time_budget: Annotated[
+        float | None, typer.Option("--time-budget", help="Training seconds (default: 480 classify, 300 generate).")
+    ] = None,
     download: Annotated[
         bool, typer.Option(help="Download Fashion-MNIST with torchvision if the Debian package is absent.")
     ] = False,
+    task: Annotated[
+        str, typer.Option(help="classify: Fashion-MNIST; generate: a GPT on Jane Austen's novels.")
+    ] = "classify",
 ) -> None:
-    """Train on the built-in Fashion-MNIST (70,000 real images as PNG files) and print the test accuracy."""
-    from layerwise.demo import run_demo
+    """The embedded default: Fashion-MNIST classification, or (--task generate) a language model of Austen."""
+    from layerwise.demo import DEMOS
 
-    run_demo(out=out, data_dir=data_dir, time_budget=time_budget, download=download)
+    if task not in DEMOS:
+        raise InputError(f"--task: the demo exists for {', '.join(DEMOS)}, not {task!r}")
+    DEMOS[task](out=out, data_dir=data_dir, time_budget=time_budget, download=download)
 
 
 @app.command("models")

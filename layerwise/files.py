@@ -37,6 +37,9 @@ def write_json(path: Path, document: dict) -> Path:
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
-    """Contiguous CPU copies of `tensors` as a safetensors file, written atomically."""
-    flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    """Contiguous CPU copies of `tensors` as a safetensors file, written atomically.
+
+    Each tensor is copied, so tied weights (an embedding shared with the output layer) are stored once per name.
+    """
+    flat = {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True) for k, v in tensors.items()}
     return write_atomic(path, safetensors_bytes(flat, metadata=metadata))

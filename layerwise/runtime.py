@@ -74,4 +74,6 @@ def predict_logits(
             logits.append(model(to_device(x, device, channels_last)).float().cpu())
         labels.append(y)
     model.train(was_training)
+    if not logits:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.int64)
     return torch.cat(logits), torch.cat(labels)

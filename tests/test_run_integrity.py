@@ -176,7 +176,7 @@ def test_best_weights_are_restored_at_the_end(finished_run) -> None:
     metrics = json.loads((finished_run / "metrics.json").read_text())
     best = max(history(finished_run), key=lambda h: h["val_accuracy"])
     assert metrics["best_epoch"] == best["epoch"]
-    assert metrics["metrics"]["accuracy"] == pytest.approx(best["val_accuracy"], abs=1e-9)
+    assert metrics["metrics"]["accuracy"] == pytest.approx(best["val_accuracy"], abs=1e-6)  # float32 mean
 
 
 class ScriptedScore:

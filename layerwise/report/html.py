@@ -78,6 +78,8 @@ class ReportData:
     examples: list[Example]
     problems: list[dict]
     extra_sections: Sequence[tuple[str, str]] = ()
+    monitor: str = "accuracy"  # the headline metric, a key of `metrics` and `baseline`
+    higher_is_better: bool = True
 
     def __post_init__(self) -> None:
         n = len(self.class_names)
@@ -188,6 +190,7 @@ def training_curves_png(history: list[dict]) -> bytes | None:
     panels = [
         ("loss", [("train_loss", "train"), ("val_loss", "val")], 2.0),
         ("accuracy", [("train_accuracy", "train"), ("val_accuracy", "val")], 2.0),
+        ("bits per byte", [("val_bits_per_byte", "val")], 2.0),
         ("learning rate", [("lr", "lr")], 1.2),
     ]
     panels = [
@@ -270,20 +273,28 @@ def _summary_html(summary: dict[str, str]) -> str:
     return f'<table class="summary">\n{rows}\n</table>'
 
 
-def _deep_accuracy(data: ReportData) -> float | None:
-    accuracy = _number(data.metrics.get("accuracy"))
-    if accuracy is not None:
-        return accuracy
+def _deep_score(data: ReportData) -> float | None:
+    value = _number(data.metrics.get(data.monitor))
+    if value is not None or data.monitor != "accuracy":
+        return value
     cm = np.asarray(data.confusion, dtype=np.int64)
     return float(np.trace(cm) / cm.sum()) if cm.size and cm.sum() > 0 else None
 
 
-def _outcome(deep: float | None, classical: float | None) -> tuple[str, str]:
+def _outcome(deep: float | None, classical: float | None, monitor: str = "accuracy", higher: bool = True):
     """(CSS class, badge text) for the headline box."""
     if classical is None:
         return "no-baseline", "No classical baseline was run"
     if deep is None:
-        return "no-baseline", "Deep model accuracy unavailable"
+        return "no-baseline", f"Deep model {monitor.replace('_', ' ')} unavailable"
+    if monitor != "accuracy":  # e.g. bits per byte: say the relative difference
+        gain = (deep - classical) / abs(classical) if classical else 0.0
+        gain = gain if higher else -gain
+        if abs(gain) < 0.0005:
+            return "tie", "Deep model and classical baseline tie"
+        winner = "deep-wins" if gain > 0 else "classical-wins"
+        who = "Deep model" if gain > 0 else "Classical baseline"
+        return winner, f"{who} wins by {abs(gain):.1%} in {monitor.replace('_', ' ')}"
     points = 100 * (deep - classical)
     if abs(points) < 0.05:
         return "tie", "Deep model and classical baseline tie"
@@ -306,9 +317,10 @@ def _metrics_table(metrics: dict[str, float], baseline: dict) -> str:
 
 
 def _headline_html(data: ReportData) -> str:
-    deep = _deep_accuracy(data)
-    classical = _number(data.baseline.get("accuracy")) if data.baseline else None
-    outcome, badge = _outcome(deep, classical)
+    deep = _deep_score(data)
+    classical = _number(data.baseline.get(data.monitor)) if data.baseline else None
+    outcome, badge = _outcome(deep, classical, data.monitor, data.higher_is_better)
+    shown = _percent if data.monitor == "accuracy" else (lambda v: "&mdash;" if v is None else f"{v:.3f}")
     deep_cls = "stat winner" if outcome == "deep-wins" else "stat"
     classical_cls = "stat winner" if outcome == "classical-wins" else "stat"
     baseline_model = data.baseline.get("model", "classical baseline") if data.baseline else "none"
@@ -316,10 +328,10 @@ def _headline_html(data: ReportData) -> str:
 <div class="badge">{_esc(badge)}</div>
 <div class="stats">
 <div class="{deep_cls}"><div class="label">deep model</div>
-<div class="value">{_percent(deep)}</div></div>
+<div class="value">{shown(deep)}</div></div>
 <div class="vs">vs</div>
 <div class="{classical_cls}"><div class="label">classical: {_esc(baseline_model)}</div>
-<div class="value">{_percent(classical)}</div></div>
+<div class="value">{shown(classical)}</div></div>
 </div>
 <p class="verdict">{_esc(data.verdict)}</p>
 {_metrics_table(data.metrics, data.baseline)}
@@ -471,11 +483,14 @@ def render_report(data: ReportData) -> str:
     sections = [
         _section("Result", _headline_html(data), "result"),
         _section("Training curves", _history_html(data.history), "training"),
-        _section("Confusion matrix", _confusion_html(data.class_names, data.confusion), "confusion"),
-        _section("Per-class metrics", _per_class_html(data.class_names, data.confusion), "classes"),
-        _section("Misclassified examples", _examples_html(data.examples), "examples"),
-        _section("Skipped inputs", _problems_html(data.problems), "problems"),
     ]
+    if data.class_names:  # classification
+        sections += [
+            _section("Confusion matrix", _confusion_html(data.class_names, data.confusion), "confusion"),
+            _section("Per-class metrics", _per_class_html(data.class_names, data.confusion), "classes"),
+            _section("Misclassified examples", _examples_html(data.examples), "examples"),
+        ]
+    sections.append(_section("Skipped inputs", _problems_html(data.problems), "problems"))
     sections += [_section(_esc(heading), fragment) for heading, fragment in data.extra_sections]
     body = "\n".join(sections)
     return f"""<!DOCTYPE html>

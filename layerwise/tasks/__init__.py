@@ -10,8 +10,9 @@ from pathlib import Path
 
 from layerwise.errors import InputError
 from layerwise.tasks.classify import ClassifyTask
+from layerwise.tasks.generate import GenerateTask
 
-TASKS: dict[str, type] = {"classify": ClassifyTask}
+TASKS: dict[str, type] = {"classify": ClassifyTask, "generate": GenerateTask}
 
 
 def task_class(name: str) -> type:

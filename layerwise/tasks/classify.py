@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import confusion_matrix, f1_score, log_loss
 from torch import nn
 
 from layerwise.data.batches import TensorBatches
@@ -287,6 +286,8 @@ class ClassifyTask(CrossEntropyObjective):
         examples, problems = self.find_inputs(inputs, texts)
         tensors, kept, decode_problems = self.frontend.decode_all(examples)
         problems += decode_problems
+        if not kept:
+            return [], problems
         origins = [examples[i].origin for i in kept]
         return decode(self.logits(network, tensors), self.class_names, origins, k), problems
 
@@ -430,6 +431,9 @@ def decode(logits: torch.Tensor, class_names: list[str], origins: list[str], k: 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
     """accuracy, macro F1, top-3 accuracy (when > 3 classes), log loss; `n` examples."""
+    # Imported here: scikit-learn's metrics pull in rich's progress bars, which predicting never needs.
+    from sklearn.metrics import f1_score, log_loss
+
     predicted = logits.argmax(1).numpy()
     truth = labels.numpy()
     probabilities = torch.softmax(logits.float(), 1).numpy()
@@ -447,4 +451,6 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_class
 
 def confusion(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> np.ndarray:
     """Rows are true classes, columns predicted ones."""
+    from sklearn.metrics import confusion_matrix
+
     return confusion_matrix(labels.numpy(), logits.argmax(1).numpy(), labels=range(num_classes))

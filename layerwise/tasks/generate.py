@@ -1,0 +1,404 @@
+"""Generation: a GPT-style language model of the user's own text, measured in bits per byte.
+
+Targets are the next token at every position of random windows of a memory-mapped token stream;
+the head is the tied embedding; the loss is shifted cross-entropy; the monitor is bits per byte
+(tokenizer-independent, lower is better); the decoder samples with a KV cache; the honest baseline
+is an interpolated Kneser-Ney n-gram model over bytes, scored on the same validation text.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from torch import nn
+
+from layerwise.data.corpus import (
+    END_OF_TEXT,
+    find_documents,
+    looks_like_corpus,
+    scratch_token_file,
+    split_documents,
+    token_bytes,
+    train_bpe,
+    vocabulary_size,
+    write_tokens,
+)
+from layerwise.data.sources import Problem
+from layerwise.data.windows import RandomWindows, SequentialWindows
+from layerwise.errors import DecodeError, InputError
+from layerwise.models.registry import model_entry
+from layerwise.runtime import autocast_for, model_device, to_device
+from layerwise.tasks.base import FitOptions, Prepared, RunMismatch, fingerprint
+
+NGRAM_ORDER = 6  # the byte n-gram baseline's order (6 scored best on held-out Austen among 4..8)
+MAX_BASELINE_BYTES = 32 << 20  # the n-gram model is fitted on at most the first 32 MB of training text
+SAMPLE_PROMPTS, SAMPLE_PROMPT_CHARS, SAMPLE_TOKENS = 3, 60, 48  # per-epoch samples in history.jsonl
+DEFAULT_CONTEXT, SMALL_CONTEXT, MIN_CONTEXT = 256, 128, 16
+BATCH_TOKENS = 8192  # tokens per training step (batch size x context length)
+EVAL_BATCH = 16
+
+
+@dataclass(frozen=True)
+class Generation:
+    prompt: str
+    text: str
+    new_tokens: int
+    seconds: float
+
+    def to_json(self) -> dict:
+        rate = self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+        return {
+            "prompt": self.prompt,
+            "text": self.text,
+            "new_tokens": self.new_tokens,
+            "seconds": round(self.seconds, 4),
+            "tokens_per_second": round(rate, 2),
+        }
+
+
+class GenerateTask:
+    """A fitted generation task: the byte-level BPE tokenizer; per-epoch sample prompts while training."""
+
+    name = "generate"
+    monitor = "bits_per_byte"
+    higher_is_better = False
+    commands = frozenset({"generate", "evaluate"})
+    modality = "text"
+
+    def __init__(self, tokenizer: Tokenizer, sample_prompts: list[str] | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.token_bytes = np.array([len(b) for b in token_bytes(tokenizer)], dtype=np.int64)
+        self._bytes_of = token_bytes(tokenizer)
+        self.sample_prompts = sample_prompts or []
+
+    @classmethod
+    def claims(cls, data: Path) -> bool:
+        return looks_like_corpus(data)
+
+    def to_json(self) -> dict:
+        return {
+            "modality": self.modality,
+            "preprocessing": {
+                "modality": self.modality,
+                "tokenizer_kind": "byte-level BPE",
+                "vocab_size": self.tokenizer.get_vocab_size(),
+                "tokenizer": json.loads(self.tokenizer.to_str()),
+            },
+        }
+
+    @classmethod
+    def from_config(cls, config: dict) -> GenerateTask:
+        return cls(Tokenizer.from_str(json.dumps(config["preprocessing"]["tokenizer"])))
+
+    def run_files(self) -> dict[str, str]:
+        """Extra files of the run directory: the tokenizer on its own, for other tools."""
+        return {"tokenizer.json": self.tokenizer.to_str()}
+
+    # ------------------------------------------------------------------ objective
+
+    def loss(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        logits = model(inputs).float()  # (B, T, vocab)
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        return loss, {}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches) -> dict:
+        metrics = self.language_metrics(model, batches)
+        if self.sample_prompts:
+            metrics["sample"] = self.sample(model, self.sample_prompts[0], SAMPLE_TOKENS, seed=0)
+        return metrics
+
+    @torch.no_grad()
+    def language_metrics(self, model: nn.Module, batches) -> dict:
+        """loss (nats per token), perplexity, bits per byte, and the counts they are over."""
+        device = model_device(model)
+        was_training = model.training
+        model.eval()
+        total_nats, n_tokens, n_bytes = 0.0, 0, 0
+        for x, y in batches.epoch(0):
+            with autocast_for(device, True):
+                logits = model(to_device(x, device)).float()
+            y = to_device(y, device)
+            nats = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum")
+            real = y.flatten().cpu().numpy()
+            real = real[real >= 0]
+            total_nats += float(nats)
+            n_tokens += len(real)
+            n_bytes += int(self.token_bytes[real].sum())
+        model.train(was_training)
+        loss = total_nats / max(n_tokens, 1)
+        return {
+            "loss": loss,
+            "perplexity": math.exp(min(loss, 50.0)),
+            "bits_per_byte": total_nats / math.log(2) / max(n_bytes, 1),
+            "n_tokens": n_tokens,
+            "n_bytes": n_bytes,
+        }
+
+    # ------------------------------------------------------------------ training data
+
+    @classmethod
+    def prepare(cls, data: Path, options: FitOptions, saved: dict | None = None, donor=None, log=print) -> Prepared:
+        """Read the documents, hold out validation text, train (or restore) the tokenizer, write token files."""
+        if options.modality not in (None, "text"):
+            raise InputError(f"--modality {options.modality}: generation learns from text")
+        documents, problems = find_documents(data)
+        texts, replaced = [], 0
+        for document in documents:
+            try:
+                text, bad = document.read()
+            except DecodeError as err:
+                problems.append(Problem(document.origin, str(err)))
+                continue
+            except OSError as err:
+                problems.append(Problem(document.origin, f"cannot read: {err.strerror}"))
+                continue
+            if bad:
+                problems.append(Problem(document.origin, f"{bad} invalid UTF-8 byte(s) replaced (kept)"))
+                replaced += bad
+            texts.append((document.origin, text))
+        if not texts:
+            raise InputError(f"{data}: no usable text (see the skipped files listed above)")
+        split = split_documents(texts, options.val_fraction, options.seed)
+        n_bytes = sum(len(t.encode()) for _, t in split.train)
+        if saved:
+            tokenizer = Tokenizer.from_str(json.dumps(saved["preprocessing"]["tokenizer"]))
+        elif donor is not None and isinstance(donor.task, GenerateTask):
+            tokenizer = donor.task.tokenizer  # the donor's embedding rows mean its tokens
+            log("tokenizer taken from the --init run")
+        else:
+            tokenizer = train_bpe((t for _, t in split.train), vocabulary_size(n_bytes))
+        log(f"{data}: {len(texts)} document(s), {n_bytes:,} training bytes, vocabulary {tokenizer.get_vocab_size()}")
+        train_tokens = _mapped_tokens(tokenizer, split.train, "train")
+        val_tokens = _mapped_tokens(tokenizer, split.val, "val")
+        model_name = options.model or ("gpt_small" if n_bytes > 20_000_000 else "gpt_tiny")
+        entry = model_entry(model_name)
+        if "generate" not in entry.tasks:
+            raise InputError(f"--model {model_name} is a {'/'.join(entry.tasks)} model; generation needs a gpt_* model")
+        context = saved["model"]["config"]["context_len"] if saved else _context_len(len(train_tokens))
+        if len(train_tokens) < context + 2:
+            raise InputError(
+                f"{data}: too little text to train on: {len(train_tokens)} training tokens cannot fill one window "
+                f"of {context + 1} tokens; give more text"
+            )
+        if len(val_tokens) < 2:
+            raise InputError(f"{data}: too little text to hold any out for validation")
+        batch = options.batch_size or max(4, BATCH_TOKENS // context)
+        data_summary = {
+            "source": str(data), "n_train": len(train_tokens), "n_val": len(val_tokens), "units": "tokens",
+            "n_documents": len(texts), "n_train_bytes": n_bytes, "n_skipped": len(problems),
+            "n_replaced_bytes": replaced, "val_fraction": options.val_fraction, "split_rule": split.rule,
+            "fingerprint": fingerprint([f"{o}\t{len(t)}\t{fingerprint([t])}" for o, t in texts]),
+        }  # fmt: skip
+        if saved and saved["data"].get("fingerprint") != data_summary["fingerprint"]:
+            raise RunMismatch(f"--resume: {data} no longer matches the run (its text differs); use the same data")
+        prompts = [_prompt_from(text) for _, text in split.val[:SAMPLE_PROMPTS] if text.strip()]
+        return Prepared(
+            task=cls(tokenizer, prompts),
+            train_batches=RandomWindows(train_tokens, context, batch, seed=options.seed),
+            val_batches=SequentialWindows(val_tokens, context, EVAL_BATCH),
+            model_name=model_name,
+            model_config={"vocab_size": tokenizer.get_vocab_size(), "context_len": context},
+            data_summary=data_summary,
+            problems=problems,
+            batch_size=batch,
+            extras={"split": f"validation: {split.rule}", "train_texts": split.train, "val_texts": split.val},
+        )
+
+    # ------------------------------------------------------------------ after training
+
+    def final_metrics(self, network: nn.Module, prepared: Prepared) -> dict:
+        metrics = self.language_metrics(network, prepared.val_batches)
+        prepared.extras["samples"] = [
+            {"prompt": prompt, "continuation": self.sample(network, prompt, 80, seed=i)}
+            for i, prompt in enumerate(self.sample_prompts)
+        ]
+        return metrics
+
+    def baseline(self, prepared: Prepared, seed: int) -> dict:
+        from layerwise.tasks.ngram import KneserNey
+
+        started = time.perf_counter()
+        train_bytes = "\n".join(t for _, t in prepared.extras["train_texts"]).encode()[:MAX_BASELINE_BYTES]
+        model = KneserNey.fit(train_bytes, order=NGRAM_ORDER)
+        bits, n_bytes = 0.0, 0
+        for _, text in prepared.extras["val_texts"]:
+            data = text.encode()
+            if data:
+                bits += float(-model.log2_probs(data).sum())
+                n_bytes += len(data)
+        description = model.description
+        if len(train_bytes) == MAX_BASELINE_BYTES:
+            description += f" (fitted on the first {MAX_BASELINE_BYTES >> 20} MB of training text)"
+        return {
+            "model": description,
+            "bits_per_byte": bits / max(n_bytes, 1),
+            "n_bytes": n_bytes,
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+
+    def verdict(self, metrics: dict, baseline: dict) -> str:
+        deep, classical = metrics["bits_per_byte"], baseline.get("bits_per_byte")
+        if classical is None:
+            return "No classical baseline could be fitted."
+        change = (classical - deep) / classical
+        if change <= 0:
+            return (
+                f"The n-gram baseline wins: {classical:.3f} vs {deep:.3f} bits per byte for the network. "
+                "Deep learning is not worth it on this text as it stands (more text or training time may change that)."
+            )
+        if change < 0.01:
+            return f"The network is only {change:.1%} better than the n-gram baseline; the simpler model may do."
+        return (
+            f"The network beats the n-gram baseline: {deep:.3f} vs {classical:.3f} bits per byte "
+            f"({change:.0%} fewer bits to encode the held-out text)."
+        )
+
+    def summary_rows(self, summary: dict) -> list[tuple[str, str]]:
+        rows = [(f"deep: {summary['model']}", f"{summary['metrics']['bits_per_byte']:.3f}")]
+        if summary["baseline"]:
+            rows.append((f"classical: {summary['baseline']['model']}", f"{summary['baseline']['bits_per_byte']:.3f}"))
+        return rows
+
+    def write_report(self, run_dir: Path, bundle, summary: dict, result, prepared: Prepared, log=print) -> None:
+        from layerwise.report import ReportData, write_report
+        from layerwise.report.sections import samples_html, tokenizer_html
+        from layerwise.tasks.classify import report_summary
+
+        data = ReportData(
+            title=f"layerwise run: {Path(bundle.config['data']['source']).name}",
+            summary=report_summary(bundle.config, summary),
+            history=result.history,
+            class_names=[],
+            confusion=[],
+            metrics={k: v for k, v in summary["metrics"].items() if isinstance(v, float | int)},
+            baseline=summary["baseline"],
+            verdict=summary["verdict"],
+            examples=[],
+            problems=[p.to_json() for p in prepared.problems],
+            monitor=self.monitor,
+            higher_is_better=self.higher_is_better,
+            extra_sections=[
+                ("Samples", samples_html(prepared.extras.get("samples", []))),
+                ("Tokenizer", tokenizer_html(self.tokenizer_stats(prepared))),
+            ],
+        )
+        write_report(run_dir / "report.html", data)
+
+    def tokenizer_stats(self, prepared: Prepared) -> dict:
+        data = prepared.data_summary
+        return {
+            "kind": "byte-level BPE (round-trips any UTF-8 text exactly)",
+            "vocabulary size": self.tokenizer.get_vocab_size(),
+            "training tokens": data["n_train"],
+            "training bytes": data["n_train_bytes"],
+            "bytes per token": round(data["n_train_bytes"] / max(data["n_train"], 1), 2),
+            "documents": data["n_documents"],
+            "invalid UTF-8 bytes replaced": data["n_replaced_bytes"],
+        }
+
+    # ------------------------------------------------------------------ inference
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def sample(self, network: nn.Module, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
+        return self.generate(network, prompt, max_new_tokens, temperature=0.8, top_k=50, seed=seed).text
+
+    def generate(
+        self,
+        network: nn.Module,
+        prompt: str,
+        max_new_tokens: int = 200,
+        temperature: float = 0.8,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        on_text: Callable[[str], None] | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> Generation:
+        """Continue `prompt`; `on_text` receives the new text as it is produced (whole UTF-8 characters)."""
+        from layerwise.models.gpt import generate
+
+        if not prompt:
+            raise InputError("--prompt: empty; give some text to continue")
+        if temperature < 0:
+            raise InputError(f"--temperature must be 0 (greedy) or positive, not {temperature}")
+        if max_new_tokens < 1:
+            raise InputError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
+        ids = self.encode(prompt)
+        if len(ids) > network.context_len and log is not None:
+            log(f"note: the prompt has {len(ids)} tokens; only its last {network.context_len} fit the context")
+        generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pieces: list[str] = []
+
+        def emit(token_id: int) -> None:
+            text = decoder.decode(self._bytes_of[token_id])
+            if text:
+                pieces.append(text)
+                if on_text is not None:
+                    on_text(text)
+
+        started = time.perf_counter()
+        new_ids = generate(
+            network, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+            on_token=emit,
+        )  # fmt: skip
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            pieces.append(tail)
+            if on_text is not None:
+                on_text(tail)
+        return Generation(prompt, "".join(pieces), len(new_ids), time.perf_counter() - started)
+
+    def evaluate_data(self, network: nn.Module, data: str | Path) -> tuple[dict, list[Problem]]:
+        """loss, perplexity and bits per byte of the model on all the text in `data`."""
+        documents, problems = find_documents(Path(data))
+        texts = []
+        for document in documents:
+            try:
+                texts.append((document.origin, document.read()[0]))
+            except (DecodeError, OSError) as err:
+                problems.append(Problem(document.origin, str(err)))
+        if not texts:
+            raise InputError(f"{data}: no usable text to evaluate")
+        tokens = _mapped_tokens(self.tokenizer, texts, "eval")
+        if len(tokens) < 2:
+            raise InputError(f"{data}: too little text to evaluate")
+        metrics = self.language_metrics(network, SequentialWindows(tokens, network.context_len, EVAL_BATCH))
+        return metrics, problems
+
+
+def _mapped_tokens(tokenizer: Tokenizer, texts: list[tuple[str, str]], name: str) -> np.ndarray:
+    """Tokenise into a scratch file and map it; the file is unlinked at once (the mapping keeps it alive)."""
+    path = scratch_token_file(name)
+    try:
+        return write_tokens(tokenizer, texts, path)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _context_len(n_train_tokens: int) -> int:
+    """256 tokens for a real corpus; shorter windows for a tiny one, so that it still has many windows."""
+    if n_train_tokens >= 50 * DEFAULT_CONTEXT:
+        return DEFAULT_CONTEXT
+    return int(min(SMALL_CONTEXT, max(MIN_CONTEXT, 2 ** math.floor(math.log2(max(n_train_tokens // 4, 1))))))
+
+
+def _prompt_from(text: str) -> str:
+    """The start of a validation text, cut at a word boundary: a prompt the model has never seen."""
+    head = text.lstrip()[:SAMPLE_PROMPT_CHARS]
+    return head.rsplit(" ", 1)[0] if " " in head else head
+
+
+__all__ = ["END_OF_TEXT", "GenerateTask", "Generation"]
