@@ -167,7 +167,8 @@ class GenerateTask:
                 replaced += bad
             texts.append((document.origin, text))
         if not texts:
-            raise InputError(f"{data}: no usable text (see the skipped files listed above)")
+            reasons = "; ".join(f"{p.origin}: {p.reason}" for p in problems[:3])
+            raise InputError(f"{data}: no usable text ({reasons})")
         split = split_documents(texts, options.val_fraction, options.seed)
         n_bytes = sum(len(t.encode()) for _, t in split.train)
         if saved:
