@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-fast lint bench
+.PHONY: setup demo demo-generate test test-fast lint bench
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
@@ -10,6 +10,9 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 
 demo: setup
 	$(VENV)/bin/layerwise demo
+
+demo-generate: setup
+	$(VENV)/bin/layerwise demo --task generate
 
 test: setup
 	$(PY) -m pytest -q
@@ -25,3 +28,4 @@ bench: setup
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/checkpoint_cost.py
 	$(PY) benchmarks/explain_speed.py
+	$(PY) benchmarks/generate.py

@@ -168,7 +168,13 @@ def evaluate_command(
 @exits_cleanly
 def predict_command(
     run: Annotated[Path, typer.Argument(help="Run directory written by `layerwise train`.")],
-    inputs: Annotated[list[Path] | None, typer.Argument(help="Files, or folders searched recursively.")] = None,
+    inputs: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Files, or folders searched recursively. For a text run a string that does not look like a path "
+            "(no path separator, no file extension) is also taken as text; prefer --text."
+        ),
+    ] = None,
     text: Annotated[
         list[str] | None,
         typer.Option(
@@ -281,7 +287,13 @@ def main() -> None:  # pragma: no cover - console entry point
 @exits_cleanly
 def explain_command(
     run: Annotated[Path, typer.Argument(help="Run directory written by `layerwise train`.")],
-    inputs: Annotated[list[Path] | None, typer.Argument(help="Files or folders (searched recursively).")] = None,
+    inputs: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Files or folders (searched recursively). For a text run a string that does not look like a path "
+            "(no path separator, no file extension) is also taken as text; prefer --text."
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", help="Folder for the pictures and explanations.json.")] = ...,
     text: Annotated[
         list[str] | None,

@@ -52,7 +52,10 @@ class Document:
 
 
 def looks_like_corpus(data: Path) -> bool:
-    """A .txt file, a folder of .txt files with no class subfolders, or a CSV with `text` but no `label`."""
+    """A .txt file, a folder of .txt files with no class subfolders, or a CSV whose only column is `text`.
+
+    A CSV with other columns besides `text` (e.g. a misnamed label column) is ambiguous: not claimed.
+    """
     if data.is_file() and data.suffix.lower() == ".txt":
         return True
     if data.is_file() and data.suffix.lower() == ".csv":
@@ -61,7 +64,7 @@ def looks_like_corpus(data: Path) -> bool:
                 columns = {c.strip() for c in next(csv.reader(f), [])}
         except (OSError, UnicodeDecodeError):
             return False
-        return "text" in columns and "label" not in columns
+        return columns == {"text"}
     if data.is_dir():
         entries = [p for p in data.iterdir() if not p.name.startswith(".")]
         return any(p.suffix.lower() == ".txt" for p in entries) and not any(p.is_dir() for p in entries)

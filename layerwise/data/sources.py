@@ -145,7 +145,10 @@ def _read_manifest(csv_path: Path, labelled: bool) -> tuple[list[Example], list[
     reader = csv.DictReader(io.StringIO(text, newline=""))
     columns = [c.strip() for c in (reader.fieldnames or [])]
     if labelled and "label" not in columns:
-        raise InputError(f"{csv_path}: no 'label' column (columns found: {', '.join(columns)})")
+        raise InputError(
+            f"{csv_path}: no 'label' column (columns found: {', '.join(columns)}); "
+            "to train a text generator on the 'text' column, pass --task generate"
+        )
     if "path" not in columns and "text" not in columns:
         raise InputError(
             f"{csv_path}: needs a 'path' column (files relative to the CSV) or a 'text' column "

@@ -107,6 +107,11 @@ class TrainResult:
     seconds: float
     global_step: int
 
+    @property
+    def best_accuracy(self) -> float:
+        """The best validation score; for classification (the default objective) it is the accuracy."""
+        return self.best_score
+
 
 class TrainingDiverged(RuntimeError):
     """The loss or gradients stayed non-finite; the message says since which step."""
