@@ -110,7 +110,10 @@ def fit(
 
     task_type = task_class(settings.task or detect_task(Path(data)))
     donor = load(init) if init is not None else None
-    options = FitOptions(settings.modality, settings.model, settings.seed, settings.val_fraction, settings.batch_size)
+    options = FitOptions(
+        settings.modality, settings.model, settings.seed, settings.val_fraction, settings.batch_size,
+        settings.time_budget,
+    )  # fmt: skip
     prepared = task_type.prepare(Path(data), options, saved=saved, donor=donor, log=say)
     report_problems(prepared.problems)
     network = create_model(prepared.model_name, **prepared.model_config)

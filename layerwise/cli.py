@@ -276,7 +276,8 @@ def models_command(modality: Annotated[str | None, typer.Option(help="Only model
     from layerwise.models.registry import list_models, model_entry
 
     for name in list_models(modality):
-        print(f"{name}\t{', '.join(model_entry(name).modalities)}")
+        entry = model_entry(name)
+        print(f"{name}\t{', '.join(entry.modalities)}\t{', '.join(entry.tasks)}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

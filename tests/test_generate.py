@@ -129,7 +129,16 @@ def test_evaluate_prints_the_language_metrics(cli, generate_run, corpus) -> None
 
 @pytest.mark.parametrize(
     "case",
-    ["empty", "binary", "csv_without_text", "too_short", "empty_prompt", "negative_temperature", "wrong_task"],
+    [
+        "empty",
+        "binary",
+        "csv_without_text",
+        "too_short",
+        "empty_prompt",
+        "negative_temperature",
+        "wrong_task",
+        "layers",
+    ],
 )
 def test_bad_input_is_a_clear_error(cli, generate_run, tmp_path, case) -> None:
     run = tmp_path / "run"
@@ -156,6 +165,9 @@ def test_bad_input_is_a_clear_error(cli, generate_run, tmp_path, case) -> None:
     elif case == "negative_temperature":
         code, _, err = cli("generate", generate_run, "--prompt", "x", "--temperature", "-1")
         assert code == 2 and "--temperature" in err
+    elif case == "layers":
+        code, _, err = cli("layers", generate_run, tmp_path, "--out", tmp_path / "layers")
+        assert code == 2 and "`layerwise layers` does not apply to a generate run" in err
     else:
         code, _, err = cli("predict", generate_run, tmp_path)
         assert code == 2 and "does not apply to a generate run" in err

@@ -84,6 +84,11 @@ def three_classes_of(run: Path) -> Path:
     return Path(json.loads((run / "config.json").read_text())["data"]["source"])
 
 
+def test_generate_on_a_classification_run_is_refused(cli, finished_run) -> None:
+    code, _, err = cli("generate", finished_run, "--prompt", "hello")
+    assert code == 2 and "`layerwise generate` does not apply to a classify run" in err
+
+
 def test_resume_after_a_kill_before_the_first_checkpoint_trains_from_the_start(
     cli, finished_run, three_classes, tmp_path
 ) -> None:

@@ -41,9 +41,11 @@ class RandomWindows:
 class SequentialWindows:
     """Evaluation batches: consecutive windows that together predict every token after the first once."""
 
-    def __init__(self, tokens: np.ndarray, context_len: int, batch_size: int = 16) -> None:
+    def __init__(self, tokens: np.ndarray, context_len: int, batch_size: int = 16, max_windows: int | None = None):
         self.tokens, self.context_len, self.batch_size = tokens, context_len, batch_size
         self.starts = list(range(0, max(len(tokens) - 1, 0), context_len))
+        if max_windows is not None and len(self.starts) > max_windows:  # evenly spread over the whole stream
+            self.starts = [self.starts[i] for i in np.linspace(0, len(self.starts) - 1, max_windows).astype(int)]
 
     def __len__(self) -> int:
         return -(-len(self.starts) // self.batch_size)

@@ -82,6 +82,7 @@ class FitOptions:
     seed: int = 0
     val_fraction: float = 0.1
     batch_size: int | None = None
+    time_budget: float | None = None  # seconds; a task may size its default model by it
 
 
 def default_batch_size(n_train: int) -> int:

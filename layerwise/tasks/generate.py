@@ -43,8 +43,12 @@ NGRAM_ORDER = 6  # the byte n-gram baseline's order (6 scored best on held-out A
 MAX_BASELINE_BYTES = 32 << 20  # the n-gram model is fitted on at most the first 32 MB of training text
 SAMPLE_PROMPTS, SAMPLE_PROMPT_CHARS, SAMPLE_TOKENS = 3, 60, 48  # per-epoch samples in history.jsonl
 DEFAULT_CONTEXT, SMALL_CONTEXT, MIN_CONTEXT = 256, 128, 16
-BATCH_TOKENS = 8192  # tokens per training step (batch size x context length)
+# Tokens per training step (batch size x context length). On 2 CPU cores small batches learn fastest
+# in a fixed time: 2 minutes on Austen gave 1.77 / 1.84 / 1.93 / 2.31 bits per byte at 1k / 2k / 4k / 8k
+# tokens per step (benchmarks/generate.py; 2k tokens of batch 2 did worse again).
+BATCH_TOKENS = 1024
 EVAL_BATCH = 16
+EPOCH_EVAL_WINDOWS = 96  # per-epoch validation reads this many windows spread over the split; final metrics all
 
 
 @dataclass(frozen=True)
@@ -181,7 +185,7 @@ class GenerateTask:
         log(f"{data}: {len(texts)} document(s), {n_bytes:,} training bytes, vocabulary {tokenizer.get_vocab_size()}")
         train_tokens = _mapped_tokens(tokenizer, split.train, "train")
         val_tokens = _mapped_tokens(tokenizer, split.val, "val")
-        model_name = options.model or ("gpt_small" if n_bytes > 20_000_000 else "gpt_tiny")
+        model_name = options.model or default_model(n_bytes, options.time_budget)
         entry = model_entry(model_name)
         if "generate" not in entry.tasks:
             raise InputError(f"--model {model_name} is a {'/'.join(entry.tasks)} model; generation needs a gpt_* model")
@@ -206,19 +210,22 @@ class GenerateTask:
         return Prepared(
             task=cls(tokenizer, prompts),
             train_batches=RandomWindows(train_tokens, context, batch, seed=options.seed),
-            val_batches=SequentialWindows(val_tokens, context, EVAL_BATCH),
+            val_batches=SequentialWindows(val_tokens, context, EVAL_BATCH, max_windows=EPOCH_EVAL_WINDOWS),
             model_name=model_name,
             model_config={"vocab_size": tokenizer.get_vocab_size(), "context_len": context},
             data_summary=data_summary,
             problems=problems,
             batch_size=batch,
-            extras={"split": f"validation: {split.rule}", "train_texts": split.train, "val_texts": split.val},
+            extras={
+                "split": f"validation: {split.rule}", "train_texts": split.train, "val_texts": split.val,
+                "all_val_batches": SequentialWindows(val_tokens, context, EVAL_BATCH),
+            },  # fmt: skip
         )
 
     # ------------------------------------------------------------------ after training
 
     def final_metrics(self, network: nn.Module, prepared: Prepared) -> dict:
-        metrics = self.language_metrics(network, prepared.val_batches)
+        metrics = self.language_metrics(network, prepared.extras["all_val_batches"])
         prepared.extras["samples"] = [
             {"prompt": prompt, "continuation": self.sample(network, prompt, 80, seed=i)}
             for i, prompt in enumerate(self.sample_prompts)
@@ -378,6 +385,18 @@ class GenerateTask:
             raise InputError(f"{data}: too little text to evaluate")
         metrics = self.language_metrics(network, SequentialWindows(tokens, network.context_len, EVAL_BATCH))
         return metrics, problems
+
+
+def default_model(n_train_bytes: int, time_budget: float | None) -> str:
+    """gpt_tiny unless there is both the text and the time for more (sizes measured on 2 CPU cores).
+
+    A bigger model only pays off when it can see enough tokens: gpt_small for 20 MB of text, or for
+    5 MB with an hour or more of training (or no time budget at all).
+    """
+    long_run = time_budget is None or time_budget >= 3600
+    if n_train_bytes > 20_000_000 or (n_train_bytes > 5_000_000 and long_run):
+        return "gpt_small"
+    return "gpt_tiny"
 
 
 def _mapped_tokens(tokenizer: Tokenizer, texts: list[tuple[str, str]], name: str) -> np.ndarray:
