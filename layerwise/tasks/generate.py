@@ -217,7 +217,9 @@ class GenerateTask:
             problems=problems,
             batch_size=batch,
             extras={
-                "split": f"validation: {split.rule}", "train_texts": split.train, "val_texts": split.val,
+                "split": f"validation: {split.rule}",
+                "train_texts": split.train,
+                "val_texts": split.val,
                 "all_val_batches": SequentialWindows(val_tokens, context, EVAL_BATCH),
             },  # fmt: skip
         )
