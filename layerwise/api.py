@@ -110,6 +110,11 @@ def fit(
 
     task_type = task_class(settings.task or detect_task(Path(data)))
     donor = load(init) if init is not None else None
+    if donor is not None and donor.task.name != task_type.name:
+        raise InputError(
+            f"--init {init}: a {donor.task.name} run cannot start a {task_type.name} run "
+            "(their networks differ); give a run of the same task"
+        )
     options = FitOptions(
         settings.modality, settings.model, settings.seed, settings.val_fraction, settings.batch_size,
         settings.time_budget,
@@ -161,17 +166,18 @@ def fit(
         "verdict": prepared.task.verdict(metrics, baseline),
         "split": prepared.extras.get("split", ""),
         "model": prepared.model_name, "parameters": n_params, "epochs_run": len(result.history),
-        "best_epoch": result.best_epoch, "stop_reason": result.stop_reason, "train_seconds": round(result.seconds, 1),
+        "best_epoch": result.best_epoch, "stop_reason": result.stop_reason, "steps": result.global_step,
+        "train_seconds": round(result.seconds, 1),
         "decode_seconds": round(prepared.extras.get("decode_seconds", 0.0), 1),
         "total_seconds": round(time.perf_counter() - started, 1), "n_skipped": len(prepared.problems),
         "device": str(next(network.parameters()).device), "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
     }  # fmt: skip
     if run_dir is not None:
         bundle.save(run_dir)
-        write_json(run_dir / "metrics.json", summary)
         for name, content in getattr(prepared.task, "run_files", dict)().items():
             write_atomic(run_dir / name, content)
         prepared.task.write_report(run_dir, bundle, summary, result, prepared, log=say)
+        write_json(run_dir / "metrics.json", summary)  # last: its "steps" marks the run files as complete
     bundle.summary = summary
     return bundle
 
@@ -235,6 +241,17 @@ def resumable_checkpoint(run_dir: Path) -> Checkpoint | None:
 
 def finished(checkpoint: Checkpoint, config: TrainConfig) -> bool:
     return LoopState(**checkpoint.state["loop"]).finished_under(config)
+
+
+def outputs_match(run_dir: Path, checkpoint: Checkpoint) -> bool:
+    """All run files are there and were written after the checkpoint's last step (not by an earlier stop)."""
+    if not all((run_dir / name).is_file() for name in RUN_OUTPUTS):
+        return False
+    try:
+        summary = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return summary.get("steps") == checkpoint.state["loop"]["global_step"]
 
 
 def load_finished(run_dir: Path) -> Model:

@@ -41,7 +41,9 @@ def exits_cleanly(command):
             err_console.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]: nothing already written was changed", highlight=False)
+            err_console.print(
+                "[yellow]interrupted[/]; a training run in progress can continue with --resume", highlight=False
+            )
             raise typer.Exit(INTERRUPTED_EXIT) from None
         except Exception as err:
             # Imported only here: inference commands must not import the training loop.

@@ -47,7 +47,7 @@ def test_a_txt_file_trains_a_language_model_whose_loss_falls(generate_run) -> No
     assert (generate_run / "tokenizer.json").is_file()
     lines = history(generate_run)
     assert lines[-1]["val_loss"] < lines[0]["val_loss"] < math.log(config["model"]["config"]["vocab_size"])
-    assert isinstance(lines[0]["val_sample"], str)
+    assert len(lines[0]["val_samples"]) >= 1 and all(isinstance(t, str) for t in lines[0]["val_samples"])
     metrics = json.loads((generate_run / "metrics.json").read_text())
     assert {"bits_per_byte", "perplexity", "loss"} <= set(metrics["metrics"])
     assert metrics["baseline"]["bits_per_byte"] > 0 and "Kneser" in metrics["baseline"]["model"]

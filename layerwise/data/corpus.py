@@ -154,9 +154,11 @@ def split_documents(texts: list[tuple[str, str]], val_fraction: float, seed: int
 
 
 def _cut_point(text: str, fraction: float) -> int:
-    """About `fraction` of the way into `text`, moved forward to the next line break when there is one nearby."""
+    """About `fraction` of the way into `text`, moved to a nearby line break that leaves text on both sides."""
     cut = int(len(text) * fraction)
-    newline = text.find("\n", cut, cut + 2000)
+    newline = text.find("\n", cut, min(cut + 2000, len(text) - 1))
+    if newline < 0:
+        newline = text.rfind("\n", max(cut - 2000, 1), cut)
     return newline + 1 if newline >= 0 else cut
 
 

@@ -31,6 +31,12 @@ def check_is_text(raw: bytes) -> None:
     controls = sum(1 for byte in sample if byte < 0x20 and byte not in TEXT_CONTROLS)
     if controls > MAX_CONTROL_FRACTION * len(sample):
         raise DecodeError(f"not text: {controls / len(sample):.0%} of its bytes are NUL or control characters")
+    # Compressed or random data has few control bytes but is mostly invalid UTF-8.
+    invalid = sample.decode("utf-8", errors="replace").count("\ufffd") - sample.decode("utf-8", "ignore").count(
+        "\ufffd"
+    )
+    if invalid > MAX_CONTROL_FRACTION * len(sample):
+        raise DecodeError(f"not text: {invalid / len(sample):.0%} of its bytes are not valid UTF-8")
 
 
 def read_text(example: Example) -> str:

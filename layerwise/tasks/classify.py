@@ -107,7 +107,7 @@ class ClassifyTask(CrossEntropyObjective):
         train_examples, val_examples = stratified_split(source.examples, options.val_fraction, options.seed)
         if saved:
             frontend = frontend_from_json(saved["preprocessing"])
-        elif donor is not None and getattr(donor.task, "modality", None) == source.modality:
+        elif donor is not None and donor.task.modality == source.modality:
             frontend = donor.task.frontend  # the donor's tokenizer / statistics: its weights expect them
             log("preprocessing (tokenizer, sizes, statistics) taken from the --init run")
         else:
@@ -127,7 +127,7 @@ class ClassifyTask(CrossEntropyObjective):
         index = {name: i for i, name in enumerate(class_names)}
         train_labels = torch.tensor([index[ex.label] for ex in train_examples])
         val_labels = torch.tensor([index[ex.label] for ex in val_examples])
-        if not saved and frontend is not getattr(getattr(donor, "task", None), "frontend", None):
+        if not saved and (donor is None or frontend is not donor.task.frontend):
             frontend.fit_statistics(train_inputs)
         data_summary = {
             "source": str(source.root), "n_train": len(train_examples), "n_val": len(val_examples),

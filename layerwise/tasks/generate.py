@@ -80,8 +80,8 @@ class GenerateTask:
 
     def __init__(self, tokenizer: Tokenizer, sample_prompts: list[str] | None = None) -> None:
         self.tokenizer = tokenizer
-        self.token_bytes = np.array([len(b) for b in token_bytes(tokenizer)], dtype=np.int64)
-        self._bytes_of = token_bytes(tokenizer)
+        self._bytes_of = token_bytes(tokenizer)  # token id -> its raw bytes
+        self.token_bytes = np.array([len(b) for b in self._bytes_of], dtype=np.int64)
         self.sample_prompts = sample_prompts or []
 
     @classmethod
@@ -118,7 +118,9 @@ class GenerateTask:
     def evaluate(self, model: nn.Module, batches) -> dict:
         metrics = self.language_metrics(model, batches)
         if self.sample_prompts:
-            metrics["sample"] = self.sample(model, self.sample_prompts[0], SAMPLE_TOKENS, seed=0)
+            metrics["samples"] = [
+                self.sample(model, p, SAMPLE_TOKENS, seed=i) for i, p in enumerate(self.sample_prompts)
+            ]
         return metrics
 
     @torch.no_grad()
@@ -202,7 +204,7 @@ class GenerateTask:
             "source": str(data), "n_train": len(train_tokens), "n_val": len(val_tokens), "units": "tokens",
             "n_documents": len(texts), "n_train_bytes": n_bytes, "n_skipped": len(problems),
             "n_replaced_bytes": replaced, "val_fraction": options.val_fraction, "split_rule": split.rule,
-            "fingerprint": fingerprint([f"{o}\t{len(t)}\t{fingerprint([t])}" for o, t in texts]),
+            "fingerprint": fingerprint([fingerprint([t]) for _, t in texts]),  # contents, not how DATA was named
         }  # fmt: skip
         if saved and saved["data"].get("fingerprint") != data_summary["fingerprint"]:
             raise RunMismatch(f"--resume: {data} no longer matches the run (its text differs); use the same data")

@@ -80,6 +80,7 @@ class LoopState:
     seconds: float = 0.0  # training wall time before this process
     lr_scale: float = 1.0  # lowered after a roll-back from non-finite losses
     rollbacks: int = 0
+    lr: float = 0.0  # of the last step, for history.jsonl (also when a resumed epoch has no step left)
     epoch_loss_sum: float = 0.0  # running sums of the current epoch, for history.jsonl
     epoch_stat_sums: dict[str, float] = field(default_factory=dict)
     epoch_seen: int = 0  # batches of the current epoch that counted towards the sums
@@ -206,6 +207,8 @@ def train(
     model = prepare_model(model, device)
     channels_last = channels_last_for(model, device)
     optimizer = make_optimizer(model, config)
+    if len(train_batches) == 0 or len(val_batches) == 0:
+        raise InputError("training needs at least one training batch and one validation batch")
     total_steps = config.epochs * len(train_batches)
     checkpoint_dir = out_dir / "checkpoints" if out_dir else None
 
@@ -264,16 +267,19 @@ def train(
                 stop(STOP_EPOCHS, "finished all epochs")
                 checkpoint_now()  # so that a resumed run knows it is done
                 break
+            if config.time_budget_s and elapsed() >= config.time_budget_s and state.step_in_epoch == 0:
+                stop(STOP_TIME_BUDGET, f"time budget of {config.time_budget_s:g} s reached")
+                checkpoint_now()  # spent during the last validation: no new epoch of one step
+                break
             model.train()
             epoch_started, rolled_back = time.perf_counter(), False
-            lr = state.lr_scale * learning_rate(config, state.global_step / total_steps)  # if no step is left
             for x, y in train_batches.epoch(state.epoch, start=state.step_in_epoch):
                 progress_fraction = state.global_step / total_steps
                 if config.time_budget_s:  # finish the schedule when the budget runs out
                     progress_fraction = max(progress_fraction, elapsed() / config.time_budget_s)
-                lr = state.lr_scale * learning_rate(config, progress_fraction)
+                state.lr = state.lr_scale * learning_rate(config, progress_fraction)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = state.lr
                 x, y = to_device(x, device, channels_last), to_device(y, device)
                 with autocast_for(device, config.mixed_precision):
                     loss, stats = objective.loss(model, x, y)
@@ -319,11 +325,13 @@ def train(
                 continue
 
             val_metrics = objective.evaluate(model, val_batches)
+            if not math.isfinite(score(objective, val_metrics)):
+                raise TrainingDiverged(f"validation {objective.monitor} is not finite after epoch {state.epoch + 1}")
             seen = max(state.epoch_seen, 1)
             record = {"epoch": state.epoch + 1, "step": state.global_step, "train_loss": state.epoch_loss_sum / seen}
             record |= {f"train_{name}": total / seen for name, total in state.epoch_stat_sums.items()}
             record |= {f"val_{name}": value for name, value in val_metrics.items()}
-            record |= {"lr": lr, "seconds": round(elapsed(), 2)}
+            record |= {"lr": state.lr, "seconds": round(elapsed(), 2)}
             state.history.append(record)
             if out_dir is not None:
                 with open(out_dir / "history.jsonl", "a") as f:
@@ -345,6 +353,8 @@ def train(
                 stop(STOP_EPOCHS, "finished all epochs")
             last_good = checkpoint_now()
             last_checkpoint = time.perf_counter()
+            if stop_requests:  # Ctrl-C during validation: the epoch is complete and checkpointed
+                raise TrainingInterrupted(f"stopped by signal after epoch {state.epoch}; checkpoint written")
 
     model.load_state_dict(best_weights)
     return TrainResult(
