@@ -7,11 +7,12 @@ tokenised once into a memory-mapped token file, so memory stays flat as the corp
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 import random
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -117,40 +118,103 @@ def _csv_documents(csv_path: Path) -> tuple[list[Document], list[Problem]]:
 
 
 @dataclass(frozen=True)
+class Piece:
+    """A character range of a document (its training or validation part); read again when needed, never kept."""
+
+    document: Document
+    start: int = 0
+    end: int | None = None
+
+    def read(self) -> str:
+        return self.document.read()[0][self.start : self.end]
+
+
+@dataclass(frozen=True)
+class Survey:
+    """The usable documents, measured in one pass that holds one document in memory at a time."""
+
+    documents: list[Document]
+    cuts: list[int]  # where each document's last `val_fraction` begins (at a line break)
+    n_bytes: list[tuple[int, int]]  # UTF-8 bytes of each document before and after its cut
+    problems: list[Problem]
+    replaced: int  # invalid UTF-8 bytes replaced, over all documents
+    fingerprint: str  # of the contents, not of how DATA was named
+
+
+def survey(documents: list[Document], val_fraction: float) -> Survey:
+    usable, cuts, sizes, problems, replaced, digests = [], [], [], [], 0, []
+    for document in documents:
+        try:
+            text, bad = document.read()
+        except DecodeError as err:
+            problems.append(Problem(document.origin, str(err)))
+            continue
+        except OSError as err:
+            problems.append(Problem(document.origin, f"cannot read: {err.strerror}"))
+            continue
+        if bad:
+            problems.append(Problem(document.origin, f"{bad} invalid UTF-8 byte(s) replaced (kept)"))
+            replaced += bad
+        cut = _cut_point(text, 1 - val_fraction)
+        usable.append(document)
+        cuts.append(cut)
+        sizes.append((len(text[:cut].encode()), len(text[cut:].encode())))
+        digests.append(hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest())
+    fingerprint = hashlib.sha256("\n".join(digests).encode()).hexdigest()[:16]
+    return Survey(usable, cuts, sizes, problems, replaced, fingerprint)
+
+
+@dataclass(frozen=True)
 class Split:
-    """Training and validation texts, each a list of (origin, text) pieces."""
+    """Training and validation text as pieces of documents."""
 
-    train: list[tuple[str, str]]
-    val: list[tuple[str, str]]
+    train: list[Piece]
+    val: list[Piece]
     rule: str  # how validation was held out, in words (stored in the run)
+    n_train_bytes: int
 
 
-def split_documents(texts: list[tuple[str, str]], val_fraction: float, seed: int) -> Split:
+def split_documents(found: Survey, val_fraction: float, seed: int) -> Split:
     """Whole documents held out when there are many; otherwise the last chunk of each document.
 
     Either way no validation text overlaps any training window.
     """
-    if len(texts) >= MANY_DOCUMENTS:
-        order = list(range(len(texts)))
+    documents = found.documents
+    if len(documents) >= MANY_DOCUMENTS:
+        order = list(range(len(documents)))
         random.Random(seed).shuffle(order)
-        total = sum(len(t) for _, t in texts)
+        total = sum(before + after for before, after in found.n_bytes)
         val_ids, held = set(), 0
         for i in order:
             if held >= val_fraction * total:
                 break
             val_ids.add(i)
-            held += len(texts[i][1])
-        train = [texts[i] for i in range(len(texts)) if i not in val_ids]
-        val = [texts[i] for i in sorted(val_ids)]
-        rule = f"whole documents, about {val_fraction:.0%} of the characters, chosen with seed {seed}"
-        return Split(train, val, rule)
-    train, val = [], []
-    for origin, text in texts:
-        cut = _cut_point(text, 1 - val_fraction)
-        train.append((origin, text[:cut]))
-        val.append((origin, text[cut:]))
+            held += sum(found.n_bytes[i])
+        train_ids = [i for i in range(len(documents)) if i not in val_ids]
+        rule = f"whole documents, about {val_fraction:.0%} of the text, chosen with seed {seed}"
+        return Split(
+            [Piece(documents[i]) for i in train_ids],
+            [Piece(documents[i]) for i in sorted(val_ids)],
+            rule,
+            sum(sum(found.n_bytes[i]) for i in train_ids),
+        )
+    train = [Piece(d, 0, cut) for d, cut in zip(documents, found.cuts, strict=True)]
+    val = [Piece(d, cut, None) for d, cut in zip(documents, found.cuts, strict=True)]
     rule = f"the last {val_fraction:.0%} of each document (cut at a line break)"
-    return Split(train, val, rule)
+    return Split(train, val, rule, sum(before for before, _ in found.n_bytes))
+
+
+def read_pieces(pieces: list[Piece], max_chars: int | None = None) -> Iterator[str]:
+    """The pieces' texts one at a time (at most `max_chars` characters in all)."""
+    left = max_chars
+    for piece in pieces:
+        text = piece.read()
+        if left is not None:
+            text, left = text[:left], left - len(text)
+        if text:
+            yield text
+        if left is not None and left <= 0:
+            return
 
 
 def _cut_point(text: str, fraction: float) -> int:
@@ -221,13 +285,13 @@ def _pieces(text: str) -> Iterator[str]:
         start = end
 
 
-def write_tokens(tokenizer: Tokenizer, texts: list[tuple[str, str]], path: Path) -> np.memmap:
+def write_tokens(tokenizer: Tokenizer, texts: Iterable[str], path: Path) -> np.memmap:
     """Tokenise `texts` into a uint16/uint32 file at `path` (documents separated by END_OF_TEXT); map it back."""
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.uint32
     eot = tokenizer.token_to_id(END_OF_TEXT)
     n = 0
     with open(path, "wb") as f:
-        for _, text in texts:
+        for text in texts:
             for piece in _pieces(text):
                 ids = np.asarray(tokenizer.encode(piece).ids, dtype=dtype)
                 f.write(ids.tobytes())

@@ -12,7 +12,7 @@ import codecs
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +23,13 @@ from torch import nn
 
 from layerwise.data.corpus import (
     END_OF_TEXT,
+    Piece,
     find_documents,
     looks_like_corpus,
+    read_pieces,
     scratch_token_file,
     split_documents,
+    survey,
     token_bytes,
     train_bpe,
     vocabulary_size,
@@ -34,13 +37,14 @@ from layerwise.data.corpus import (
 )
 from layerwise.data.sources import Problem
 from layerwise.data.windows import RandomWindows, SequentialWindows
-from layerwise.errors import DecodeError, InputError
+from layerwise.errors import InputError
 from layerwise.models.registry import model_entry
 from layerwise.runtime import autocast_for, model_device, to_device
-from layerwise.tasks.base import FitOptions, Prepared, RunMismatch, fingerprint
+from layerwise.tasks.base import FitOptions, Prepared, RunMismatch
 
 NGRAM_ORDER = 6  # the byte n-gram baseline's order (6 scored best on held-out Austen among 4..8)
 MAX_BASELINE_BYTES = 32 << 20  # the n-gram model is fitted on at most the first 32 MB of training text
+MAX_TOKENIZER_CHARS = 64 << 20  # BPE is trained on at most the first 64M characters of training text
 SAMPLE_PROMPTS, SAMPLE_PROMPT_CHARS, SAMPLE_TOKENS = 3, 60, 48  # per-epoch samples in history.jsonl
 DEFAULT_CONTEXT, SMALL_CONTEXT, MIN_CONTEXT = 256, 128, 16
 # Tokens per training step (batch size x context length). On 2 CPU cores small batches learn fastest
@@ -158,35 +162,24 @@ class GenerateTask:
         if options.modality not in (None, "text"):
             raise InputError(f"--modality {options.modality}: generation learns from text")
         documents, problems = find_documents(data)
-        texts, replaced = [], 0
-        for document in documents:
-            try:
-                text, bad = document.read()
-            except DecodeError as err:
-                problems.append(Problem(document.origin, str(err)))
-                continue
-            except OSError as err:
-                problems.append(Problem(document.origin, f"cannot read: {err.strerror}"))
-                continue
-            if bad:
-                problems.append(Problem(document.origin, f"{bad} invalid UTF-8 byte(s) replaced (kept)"))
-                replaced += bad
-            texts.append((document.origin, text))
-        if not texts:
+        found = survey(documents, options.val_fraction)
+        problems += found.problems
+        if not found.documents:
             reasons = "; ".join(f"{p.origin}: {p.reason}" for p in problems[:3])
             raise InputError(f"{data}: no usable text ({reasons})")
-        split = split_documents(texts, options.val_fraction, options.seed)
-        n_bytes = sum(len(t.encode()) for _, t in split.train)
+        split = split_documents(found, options.val_fraction, options.seed)
+        n_bytes = split.n_train_bytes
         if saved:
             tokenizer = Tokenizer.from_str(json.dumps(saved["preprocessing"]["tokenizer"]))
         elif donor is not None and isinstance(donor.task, GenerateTask):
             tokenizer = donor.task.tokenizer  # the donor's embedding rows mean its tokens
             log("tokenizer taken from the --init run")
         else:
-            tokenizer = train_bpe((t for _, t in split.train), vocabulary_size(n_bytes))
-        log(f"{data}: {len(texts)} document(s), {n_bytes:,} training bytes, vocabulary {tokenizer.get_vocab_size()}")
-        train_tokens = _mapped_tokens(tokenizer, split.train, "train")
-        val_tokens = _mapped_tokens(tokenizer, split.val, "val")
+            tokenizer = train_bpe(read_pieces(split.train, MAX_TOKENIZER_CHARS), vocabulary_size(n_bytes))
+        n_documents = len(found.documents)
+        log(f"{data}: {n_documents} document(s), {n_bytes:,} training bytes, vocabulary {tokenizer.get_vocab_size()}")
+        train_tokens = _mapped_tokens(tokenizer, read_pieces(split.train), "train")
+        val_tokens = _mapped_tokens(tokenizer, read_pieces(split.val), "val")
         model_name = options.model or default_model(n_bytes, options.time_budget)
         entry = model_entry(model_name)
         if "generate" not in entry.tasks:
@@ -202,13 +195,13 @@ class GenerateTask:
         batch = options.batch_size or max(4, BATCH_TOKENS // context)
         data_summary = {
             "source": str(data), "n_train": len(train_tokens), "n_val": len(val_tokens), "units": "tokens",
-            "n_documents": len(texts), "n_train_bytes": n_bytes, "n_skipped": len(problems),
-            "n_replaced_bytes": replaced, "val_fraction": options.val_fraction, "split_rule": split.rule,
-            "fingerprint": fingerprint([fingerprint([t]) for _, t in texts]),  # contents, not how DATA was named
+            "n_documents": n_documents, "n_train_bytes": n_bytes, "n_skipped": len(problems),
+            "n_replaced_bytes": found.replaced, "val_fraction": options.val_fraction, "split_rule": split.rule,
+            "fingerprint": found.fingerprint,
         }  # fmt: skip
         if saved and saved["data"].get("fingerprint") != data_summary["fingerprint"]:
             raise RunMismatch(f"--resume: {data} no longer matches the run (its text differs); use the same data")
-        prompts = [_prompt_from(text) for _, text in split.val[:SAMPLE_PROMPTS] if text.strip()]
+        prompts = [_prompt_from(text) for text in read_pieces(split.val[:SAMPLE_PROMPTS]) if text.strip()]
         return Prepared(
             task=cls(tokenizer, prompts),
             train_batches=RandomWindows(train_tokens, context, batch, seed=options.seed),
@@ -220,8 +213,8 @@ class GenerateTask:
             batch_size=batch,
             extras={
                 "split": f"validation: {split.rule}",
-                "train_texts": split.train,
-                "val_texts": split.val,
+                "train_pieces": split.train,
+                "val_pieces": split.val,
                 "all_val_batches": SequentialWindows(val_tokens, context, EVAL_BATCH),
             },  # fmt: skip
         )
@@ -240,10 +233,12 @@ class GenerateTask:
         from layerwise.tasks.ngram import KneserNey
 
         started = time.perf_counter()
-        train_bytes = "\n".join(t for _, t in prepared.extras["train_texts"]).encode()[:MAX_BASELINE_BYTES]
+        # At most MAX_BASELINE_BYTES of training text is held, one document at a time until then.
+        train_bytes = "\n".join(read_pieces(prepared.extras["train_pieces"], MAX_BASELINE_BYTES)).encode()
+        train_bytes = train_bytes[:MAX_BASELINE_BYTES]
         model = KneserNey.fit(train_bytes, order=NGRAM_ORDER)
         bits, n_bytes = 0.0, 0
-        for _, text in prepared.extras["val_texts"]:
+        for text in read_pieces(prepared.extras["val_pieces"]):
             data = text.encode()
             if data:
                 bits += float(-model.log2_probs(data).sum())
@@ -376,15 +371,11 @@ class GenerateTask:
     def evaluate_data(self, network: nn.Module, data: str | Path) -> tuple[dict, list[Problem]]:
         """loss, perplexity and bits per byte of the model on all the text in `data`."""
         documents, problems = find_documents(Path(data))
-        texts = []
-        for document in documents:
-            try:
-                texts.append((document.origin, document.read()[0]))
-            except (DecodeError, OSError) as err:
-                problems.append(Problem(document.origin, str(err)))
-        if not texts:
+        found = survey(documents, val_fraction=0.0)
+        problems += found.problems
+        if not found.documents:
             raise InputError(f"{data}: no usable text to evaluate")
-        tokens = _mapped_tokens(self.tokenizer, texts, "eval")
+        tokens = _mapped_tokens(self.tokenizer, read_pieces([Piece(d) for d in found.documents]), "eval")
         if len(tokens) < 2:
             raise InputError(f"{data}: too little text to evaluate")
         metrics = self.language_metrics(network, SequentialWindows(tokens, network.context_len, EVAL_BATCH))
@@ -403,7 +394,7 @@ def default_model(n_train_bytes: int, time_budget: float | None) -> str:
     return "gpt_tiny"
 
 
-def _mapped_tokens(tokenizer: Tokenizer, texts: list[tuple[str, str]], name: str) -> np.ndarray:
+def _mapped_tokens(tokenizer: Tokenizer, texts: Iterable[str], name: str) -> np.ndarray:
     """Tokenise into a scratch file and map it; the file is unlinked at once (the mapping keeps it alive)."""
     path = scratch_token_file(name)
     try:
