@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import os
 import random
 import tempfile
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from layerwise.data.sources import Problem, _visible
+from layerwise.data.sources import Problem, _visible, manifest_rows, open_manifest
 from layerwise.data.text import check_is_text
 from layerwise.errors import DecodeError, InputError
 
@@ -95,25 +94,17 @@ def find_documents(data: Path) -> tuple[list[Document], list[Problem]]:
 
 
 def _csv_documents(csv_path: Path) -> tuple[list[Document], list[Problem]]:
-    try:
-        text = csv_path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise InputError(f"{csv_path}: not UTF-8 ({err.reason} at byte {err.start})") from err
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    columns = [c.strip() for c in (reader.fieldnames or [])]
+    reader, columns = open_manifest(csv_path)
     if "text" not in columns:
         raise InputError(f"{csv_path}: no 'text' column (columns found: {', '.join(columns) or 'none'})")
     documents, problems = [], []
-    try:
-        for row in reader:
-            origin = f"{csv_path} line {reader.line_num}"
-            value = next((v for k, v in row.items() if (k or "").strip() == "text"), "") or ""
-            if value.strip():
-                documents.append(Document(origin, text=value))
-            else:
-                problems.append(Problem(origin, "empty text"))
-    except csv.Error as err:
-        raise InputError(f"{csv_path} line {reader.line_num + 1}: malformed CSV ({err})") from err
+    for row in manifest_rows(reader, csv_path):
+        origin = f"{csv_path} line {reader.line_num}"
+        value = next((v for k, v in row.items() if (k or "").strip() == "text"), "") or ""
+        if value.strip():
+            documents.append(Document(origin, text=value))
+        else:
+            problems.append(Problem(origin, "empty text"))
     return documents, problems
 
 

@@ -135,15 +135,20 @@ def _visible(path: Path, root: Path) -> bool:
     return not any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def _read_manifest(csv_path: Path, labelled: bool) -> tuple[list[Example], list[Problem], set[str]]:
-    """Examples and problems from a CSV manifest, and every label named in it (even on bad rows)."""
+def open_manifest(csv_path: Path) -> tuple[csv.DictReader, list[str]]:
+    """A DictReader over a UTF-8 CSV file and its column names (stripped); not UTF-8 is an InputError."""
     try:
         text = csv_path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise InputError(f"{csv_path}: not UTF-8 ({err.reason} at byte {err.start})") from err
     # newline="" lets csv see quoted newlines; str.splitlines() would also split on U+2028, \f, ...
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    columns = [c.strip() for c in (reader.fieldnames or [])]
+    return reader, [c.strip() for c in (reader.fieldnames or [])]
+
+
+def _read_manifest(csv_path: Path, labelled: bool) -> tuple[list[Example], list[Problem], set[str]]:
+    """Examples and problems from a CSV manifest, and every label named in it (even on bad rows)."""
+    reader, columns = open_manifest(csv_path)
     if labelled and "label" not in columns:
         raise InputError(
             f"{csv_path}: no 'label' column (columns found: {', '.join(columns)}); "
@@ -157,7 +162,7 @@ def _read_manifest(csv_path: Path, labelled: bool) -> tuple[list[Example], list[
     examples: list[Example] = []
     problems: list[Problem] = []
     class_names: set[str] = set()
-    for row in _rows(reader, csv_path):
+    for row in manifest_rows(reader, csv_path):
         row = {(k or "").strip(): (v or "") for k, v in row.items()}
         # line_num counts physical lines read (blank lines, quoted newlines): the row's last line.
         origin = f"{csv_path} line {reader.line_num}"
@@ -183,7 +188,7 @@ def _read_manifest(csv_path: Path, labelled: bool) -> tuple[list[Example], list[
     return examples, problems, class_names
 
 
-def _rows(reader: csv.DictReader, csv_path: Path) -> Iterator[dict]:
+def manifest_rows(reader: csv.DictReader, csv_path: Path) -> Iterator[dict]:
     """The reader's rows; a malformed CSV (e.g. a field over the 128 KiB limit) is an InputError."""
     try:
         yield from reader
