@@ -185,8 +185,11 @@ def _series(history: list[dict], key: str) -> tuple[list[float], list[float]]:
     return xs, ys
 
 
-def training_curves_png(history: list[dict]) -> bytes | None:
-    """Loss (train/val), accuracy and learning-rate panels side by side; None if nothing to plot."""
+def training_curves_png(history: list[dict], baseline: dict | None = None) -> bytes | None:
+    """Loss (train/val), accuracy, bits-per-byte and learning-rate panels side by side; None if nothing to plot.
+
+    A panel whose metric the classical `baseline` also has (e.g. "bits_per_byte") draws it as a dashed line.
+    """
     panels = [
         ("loss", [("train_loss", "train"), ("val_loss", "val")], 2.0),
         ("accuracy", [("train_accuracy", "train"), ("val_accuracy", "val")], 2.0),
@@ -208,6 +211,10 @@ def training_curves_png(history: list[dict]) -> bytes | None:
             epochs.update(xs)
             # markers keep a single-epoch run visible (a one-point line draws nothing)
             ax.plot(xs, ys, marker="o", markersize=3 if len(xs) > 1 else 6, label=label)
+            reference = _number((baseline or {}).get(key.removeprefix("val_"))) if key.startswith("val_") else None
+            if reference is not None and title != "accuracy":  # accuracy keeps its look; its baseline is above
+                ax.axhline(reference, color="#c0392b", linestyle="--", linewidth=1, label="classical")
+                drawn.append("classical")
         if len(epochs) == 1:
             ax.set_xticks(sorted(epochs))  # else the locator invents ticks like 0.96, 0.98
         else:
@@ -338,8 +345,8 @@ def _headline_html(data: ReportData) -> str:
 </div>"""
 
 
-def _history_html(history: list[dict]) -> str:
-    png = training_curves_png(history)
+def _history_html(history: list[dict], baseline: dict | None = None) -> str:
+    png = training_curves_png(history, baseline)
     if png is None:
         return '<p class="empty">No training history was recorded.</p>'
     keys = list(dict.fromkeys(key for row in history for key in row))
@@ -482,7 +489,7 @@ def render_report(data: ReportData) -> str:
     """The full report page as an HTML string (self-contained: inline CSS and PNG figures)."""
     sections = [
         _section("Result", _headline_html(data), "result"),
-        _section("Training curves", _history_html(data.history), "training"),
+        _section("Training curves", _history_html(data.history, data.baseline), "training"),
     ]
     if data.class_names:  # classification
         sections += [
