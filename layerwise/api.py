@@ -58,6 +58,11 @@ class Settings:
     def __post_init__(self) -> None:
         if not 0 < self.val_fraction < 0.5:
             raise InputError(f"--val-fraction must be between 0 and 0.5, not {self.val_fraction}")
+        # Checked here too (TrainConfig checks again) so that bad options fail before the data is read.
+        if self.epochs < 1:
+            raise InputError(f"--epochs must be at least 1, not {self.epochs}")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise InputError(f"--time-budget must be positive, not {self.time_budget}")
 
 
 FIXED_ON_RESUME = ("task", "modality", "model", "seed", "val_fraction", "batch_size", "lr")
@@ -136,11 +141,7 @@ def fit(
     checkpoint = None
     if saved is not None:
         checkpoint = resumable_checkpoint(run_dir)
-        if (
-            checkpoint is not None
-            and finished(checkpoint, config)
-            and all((run_dir / f).is_file() for f in RUN_OUTPUTS)
-        ):
+        if checkpoint is not None and finished(checkpoint, config) and outputs_match(run_dir, checkpoint):
             say(f"{run_dir}: the run has already finished ({checkpoint.state['loop']['stop_reason']}); nothing to do")
             return load_finished(run_dir)
     if run_dir is not None:

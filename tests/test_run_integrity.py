@@ -177,6 +177,26 @@ def test_ctrl_c_after_training_exits_130_and_resume_finishes_without_training(
     assert (run / "model.safetensors").is_file() and (run / "report.html").is_file()
 
 
+def test_outputs_of_an_earlier_stop_are_not_taken_for_a_finished_run(
+    cli, finished_run, three_classes, tmp_path, monkeypatch
+) -> None:
+    from layerwise.tasks.classify import ClassifyTask
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    run = copy_run(finished_run, tmp_path)  # holds the 3-epoch model, metrics and report
+    with monkeypatch.context() as patch:
+        patch.setattr(ClassifyTask, "baseline", interrupted)
+        code, _, _ = cli("train", three_classes, "--out", run, "--resume", "--epochs", "5", "--no-progress")
+    assert code == 130
+    code, _, err = cli("train", three_classes, "--out", run, "--resume", "--no-progress")
+    assert code == 0, err
+    assert "nothing to do" not in err
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 5 and len(history(run)) == 5
+
+
 def test_best_weights_are_restored_at_the_end(finished_run) -> None:
     metrics = json.loads((finished_run / "metrics.json").read_text())
     best = max(history(finished_run), key=lambda h: h["val_accuracy"])
