@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -43,13 +44,57 @@ class Objective(Protocol):
 
 
 class Task(Objective, Protocol):
-    """A fitted task: the objective plus what inference needs (labels, tokenizer, decoder)."""
+    """A fitted task: the objective plus what inference needs (labels, tokenizer, decoder).
+
+    Everything `fit`, `Model`, the run directory and the CLI ask of a task is listed here; what a
+    task's own command needs beyond it (`predict(...)`, `generate(...)`) is reached through
+    `Model.require(command)`, which checks `commands` first.
+    """
 
     name: str
+    modality: str
+    commands: frozenset[str]  # the CLI commands that answer for this task's runs, e.g. {"predict", "evaluate"}
+
+    @classmethod
+    def prepare(cls, data: Path, options: FitOptions, saved: dict | None, donor: Any, log: Callable) -> Prepared:
+        """Read DATA, split it, fit (or, with `saved` config.json, restore) preprocessing; choose the model."""
+        ...
+
+    @classmethod
+    def from_config(cls, config: dict) -> Task:
+        """Rebuild the fitted task from config.json (no training imports)."""
+        ...
 
     def to_json(self) -> dict:
         """The fields of config.json that rebuild this task at load time (preprocessing, labels, ...)."""
         ...
+
+    def final_metrics(self, network: nn.Module, prepared: Prepared) -> dict:
+        """metrics.json "metrics": the held-out metrics of the best weights."""
+        ...
+
+    def baseline(self, prepared: Prepared, seed: int) -> dict:
+        """The honest classical model on the same split, scored with the same metric."""
+        ...
+
+    def verdict(self, metrics: dict, baseline: dict) -> str:
+        """One plain sentence: did deep learning pay off here?"""
+        ...
+
+    def summary_rows(self, summary: dict) -> list[tuple[str, str]]:
+        """(model, monitored value) rows for the CLI's result table."""
+        ...
+
+    def write_report(self, run_dir: Path, bundle: Any, summary: dict, result: Any, prepared: Prepared, log) -> None:
+        """RUN/report.html."""
+        ...
+
+    def evaluate_data(self, network: nn.Module, data: Path) -> tuple[dict, list[Problem]]:
+        """`layerwise evaluate`: metrics on held-out data in the task's own format."""
+        ...
+
+    # Optional: `claims(data) -> bool` (classmethod) lets the task be detected from DATA's layout;
+    # `run_files() -> dict[str, str]` adds files to the run directory (e.g. tokenizer.json).
 
 
 @dataclass
