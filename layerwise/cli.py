@@ -185,22 +185,91 @@ def predict_command(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="How many classes to list per input.")] = 3,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Write JSON lines to FILE as they are produced (with a progress bar)."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="With --out: skip inputs already written to FILE, append the rest.")
+    ] = False,
 ) -> None:
-    """Predict each input file (or --text). Undecodable inputs are reported and make the exit code 2."""
+    """Predict each input file (or --text). Undecodable inputs are reported and make the exit code 2.
+
+    A directory of any size streams through in chunks; with --out the lines go to FILE as they are made.
+    """
     from layerwise.bundle import load
 
     texts = read_texts(text)
     if not inputs and not texts:
         raise InputError("predict: give at least one file or folder, or --text")
-    predictions, problems = load(run).predict(list(inputs or []), k=top_k, texts=texts)
-    for prediction in predictions:
-        print(json.dumps(prediction.to_json()) if as_json else prediction.to_line())
-    for problem in problems:
-        if as_json:
-            print(json.dumps({"path": problem.origin, "error": problem.reason}))
-        err_console.print(f"error: {problem.origin}: {problem.reason}", highlight=False, markup=False, soft_wrap=True)
-    if problems:
+    if resume and out is None:
+        raise InputError("--resume needs --out FILE (the predictions written so far)")
+    bundle = load(run)
+    bundle.require("predict")
+    examples, problems = bundle.find_inputs(list(inputs or []), texts)  # problems: found but unusable here
+    if out is None:
+        failed = sum(print_result(problem, as_json) for problem in problems)
+        for result in bundle.task.predict_stream(bundle.network, examples, top_k):
+            failed += print_result(result, as_json)
+    else:
+        if out.exists() and out.stat().st_size > 0 and not resume:
+            raise InputError(f"--out {out}: already exists; pass --resume to continue it or choose another file")
+        done = written_paths(out) if resume else set()
+        todo = [example for example in examples if example.origin not in done]
+        problems = [problem for problem in problems if problem.origin not in done]
+        if resume:
+            err_console.print(f"{len(examples) - len(todo)} input(s) already in {out}; {len(todo)} to go")
+        failed = stream_predictions(bundle, todo, problems, top_k, out)
+    if failed:
         raise typer.Exit(2)
+
+
+def print_result(result, as_json: bool) -> int:
+    """One prediction or problem on stdout (problems also on stderr); returns 1 for a problem."""
+    if hasattr(result, "reason"):
+        if as_json:
+            print(json.dumps({"path": result.origin, "error": result.reason}), flush=True)
+        err_console.print(f"error: {result.origin}: {result.reason}", highlight=False, markup=False, soft_wrap=True)
+        return 1
+    print(json.dumps(result.to_json()) if as_json else result.to_line(), flush=True)
+    return 0
+
+
+def written_paths(path: Path) -> set[str]:
+    """The "path" of every complete JSON line already in `path`; a torn last line (a kill mid-write) is cut off."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(complete))
+    return {json.loads(line)["path"] for line in complete.splitlines() if line.strip()}
+
+
+def stream_predictions(bundle, examples, problems, top_k: int, out: Path) -> int:
+    """Append one JSON line per input to `out` as predictions are made, with a progress bar; returns failures."""
+    import itertools
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    failed = 0
+    results = itertools.chain(problems, bundle.task.predict_stream(bundle.network, examples, top_k))
+    columns = (TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with open(out, "a", encoding="utf-8") as f, Progress(*columns, console=err_console) as progress:
+        bar = progress.add_task("predict", total=len(examples) + len(problems))
+        for i, result in enumerate(results, 1):
+            if hasattr(result, "reason"):
+                f.write(json.dumps({"path": result.origin, "error": result.reason}) + "\n")
+                failed += 1
+            else:
+                f.write(json.dumps(result.to_json()) + "\n")
+            progress.advance(bar)
+            if i % 256 == 0:
+                f.flush()  # a killed run loses at most the last few lines; --resume redoes them
+    n = len(examples) + len(problems)
+    err_console.print(f"wrote {n} line(s) to {out} ({failed} could not be read)", highlight=False)
+    return failed
 
 
 @app.command("generate")

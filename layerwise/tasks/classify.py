@@ -11,6 +11,7 @@ import os
 import random
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from layerwise.runtime import predict_logits
 from layerwise.tasks.base import FitOptions, Prepared, RunMismatch, default_batch_size, fingerprint
 
 PREDICT_BATCH = 256
+PREDICT_CHUNK = 1024  # files decoded at once by predict_stream: bounds memory for directories of any size
 VAL_BATCH = 512
 MAX_REPORT_EXAMPLES = 12
 
@@ -284,12 +286,31 @@ class ClassifyTask(CrossEntropyObjective):
         self, network: nn.Module, inputs: list[str | Path], texts: list[str] | None = None, k: int = 3
     ) -> tuple[list[Prediction], list[Problem]]:
         examples, problems = self.find_inputs(inputs, texts)
-        tensors, kept, decode_problems = self.frontend.decode_all(examples)
-        problems += decode_problems
-        if not kept:
-            return [], problems
-        origins = [examples[i].origin for i in kept]
-        return decode(self.logits(network, tensors), self.class_names, origins, k), problems
+        predictions = []
+        for result in self.predict_stream(network, examples, k):
+            (predictions if isinstance(result, Prediction) else problems).append(result)
+        return predictions, problems
+
+    def predict_stream(
+        self, network: nn.Module, examples: list[Example], k: int = 3, chunk: int = PREDICT_CHUNK
+    ) -> Iterator[Prediction | Problem]:
+        """A prediction (or the problem) per example, in input order, decoding `chunk` files at a time.
+
+        Memory is bounded by the chunk, whatever the number of inputs; the front end decodes each chunk
+        in worker processes when it is large.
+        """
+        for start in range(0, len(examples), chunk):
+            part = examples[start : start + chunk]
+            tensors, kept, problems = self.frontend.decode_all(part)
+            by_origin = {problem.origin: problem for problem in problems}
+            predictions = iter(
+                decode(self.logits(network, tensors), self.class_names, [part[i].origin for i in kept], k)
+                if kept
+                else []
+            )
+            kept_set = set(kept)
+            for i, example in enumerate(part):
+                yield next(predictions) if i in kept_set else by_origin[example.origin]
 
     def labelled_examples(self, source: Source) -> tuple[list[Example], list[int], list[Problem]]:
         """The examples whose label is one of this model's classes, their class indices, and the rest as problems."""
