@@ -315,6 +315,39 @@ def generate_command(
         )
 
 
+@app.command("export")
+@exits_cleanly
+def export_command(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `layerwise train`.")],
+    out: Annotated[Path, typer.Option("--out", help="The file to write (model.onnx); FILE.json goes beside it.")],
+    export_format: Annotated[
+        str, typer.Option("--format", help="onnx (every registered model exports to it).")
+    ] = "onnx",
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Real inputs for the parity check (default: the run's own data).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Export the network to ONNX (dynamic batch, and sequence length for tokens), checked against PyTorch."""
+    from layerwise.bundle import load
+    from layerwise.serve.export import PARITY_TOLERANCE, export_onnx
+
+    if export_format != "onnx":
+        raise InputError(f"--format {export_format!r}: only onnx is supported (every registered model exports to it)")
+    result = export_onnx(load(run), out, data)
+    if as_json:
+        print(json.dumps(result.to_json()))
+    else:
+        out_console.print(
+            f"wrote {result.path} and {result.spec_path}; onnxruntime vs PyTorch on {result.parity_inputs}: "
+            f"max abs difference {result.max_abs_difference:.2e} (tolerance {PARITY_TOLERANCE:g})",
+            highlight=False,
+        )
+    if result.max_abs_difference > PARITY_TOLERANCE:
+        err_console.print("[red]error:[/] the exported model does not match PyTorch within the tolerance")
+        raise typer.Exit(1)
+
+
 @app.command("demo")
 @exits_cleanly
 def demo_command(

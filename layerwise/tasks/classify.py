@@ -312,6 +312,23 @@ class ClassifyTask(CrossEntropyObjective):
             for i, example in enumerate(part):
                 yield next(predictions) if i in kept_set else by_origin[example.origin]
 
+    # ------------------------------------------------------------------ export
+
+    def example_inputs(self, data: Path, n: int, network: nn.Module) -> torch.Tensor:
+        """Model inputs (n, ...) of up to `n` decodable files spread over `data`, for export's parity check."""
+        source = discover(data, self.modality, labelled=False)
+        examples = source.examples[:: max(1, len(source.examples) // n)][:n]
+        tensors, kept, _ = self.frontend.decode_all(examples)
+        if not kept:
+            raise InputError(f"{data}: no decodable {self.modality} input to check the export with")
+        return self.frontend.model_input(tensors)
+
+    def max_sequence_length(self, network: nn.Module) -> int:
+        return int(self.frontend.model_inputs.get("max_len", 0))
+
+    def output_meaning(self) -> str:
+        return "logits (batch, classes) in the order of class_labels; softmax gives the confidences"
+
     def labelled_examples(self, source: Source) -> tuple[list[Example], list[int], list[Problem]]:
         """The examples whose label is one of this model's classes, their class indices, and the rest as problems."""
         index = {name: i for i, name in enumerate(self.class_names)}

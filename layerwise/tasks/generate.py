@@ -368,6 +368,30 @@ class GenerateTask:
                 on_text(tail)
         return Generation(prompt, "".join(pieces), len(new_ids), time.perf_counter() - started)
 
+    def example_inputs(self, data: Path, n: int, network: nn.Module) -> torch.Tensor:
+        """Up to `n` windows of token ids (n, context) from the start of `data`'s text, for export's parity check."""
+        found = survey(find_documents(Path(data))[0], val_fraction=0.0)
+        context = network.context_len
+        ids: list[int] = []
+        for text in read_pieces([Piece(d) for d in found.documents]):
+            ids += self.encode(text)
+            if len(ids) >= n * context:
+                break
+        if len(ids) < 2:
+            raise InputError(f"{data}: too little text to check the export with")
+        windows = max(1, min(n, len(ids) // context))
+        width = min(context, len(ids))
+        return torch.tensor(ids[: windows * width], dtype=torch.int64).view(windows, width)
+
+    def max_sequence_length(self, network: nn.Module) -> int:
+        return int(network.context_len)
+
+    def output_meaning(self) -> str:
+        return (
+            "logits (batch, sequence, vocabulary) for the next token at every position; to generate, take "
+            "softmax(logits[:, -1] / temperature), sample a token id, append it to the input and run again"
+        )
+
     def evaluate_data(self, network: nn.Module, data: str | Path) -> tuple[dict, list[Problem]]:
         """loss, perplexity and bits per byte of the model on all the text in `data`."""
         documents, problems = find_documents(Path(data))
