@@ -348,6 +348,41 @@ def export_command(
         raise typer.Exit(1)
 
 
+@app.command("serve")
+@exits_cleanly
+def serve_command(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `layerwise train`.")],
+    host: Annotated[str, typer.Option(help="Address to bind (loopback unless you say otherwise).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Inputs run through the network together.")] = 32,
+    max_wait_ms: Annotated[
+        float, typer.Option("--max-wait-ms", help="How long a request waits for others to share its batch.")
+    ] = 5.0,
+    max_inputs: Annotated[int, typer.Option("--max-inputs", help="Files or texts allowed in one request.")] = 64,
+    max_body_mb: Annotated[float, typer.Option("--max-body-mb", help="Largest request body, in MB.")] = 16.0,
+    timeout: Annotated[float, typer.Option(help="Seconds a request may take before a 504.")] = 30.0,
+    api_key_file: Annotated[
+        Path | None, typer.Option("--api-key-file", help="A file holding the key every request but /health must send.")
+    ] = None,
+) -> None:
+    """Serve a run over HTTP: POST /predict, POST /generate, GET /model, GET /health, docs at /docs."""
+    import uvicorn
+
+    from layerwise.bundle import load
+    from layerwise.serve.app import ServeConfig, create_app
+
+    api_key = None
+    if api_key_file is not None:
+        try:
+            api_key = api_key_file.read_text().strip()
+        except OSError as err:
+            raise InputError(f"--api-key-file {api_key_file}: cannot read it ({err.strerror})") from err
+        if not api_key:
+            raise InputError(f"--api-key-file {api_key_file}: empty")
+    config = ServeConfig(max_batch, max_wait_ms, int(max_body_mb * (1 << 20)), max_inputs, timeout, api_key)
+    uvicorn.run(create_app(load(run), config, run), host=host, port=port, log_level="warning")
+
+
 @app.command("demo")
 @exits_cleanly
 def demo_command(

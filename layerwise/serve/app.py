@@ -1,0 +1,271 @@
+"""`layerwise serve`: a run as an HTTP service (FastAPI on uvicorn), with micro-batched inference.
+
+Concurrent requests are gathered for a few milliseconds (or until a batch is full) and run through
+the network together, so throughput grows with load. Uploads are written to a private temporary
+folder under generated names (an upload's own name is only echoed back, never used as a path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from layerwise import __version__
+from layerwise.data.sources import Example
+from layerwise.errors import InputError
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    max_batch: int = 32  # inputs run through the network together
+    max_wait_ms: float = 5.0  # how long the first request of a batch waits for others
+    max_body_bytes: int = 16 << 20
+    max_inputs: int = 64  # files or texts in one request
+    timeout_s: float = 30.0  # per request
+    api_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.max_wait_ms < 0 or self.max_inputs < 1 or self.timeout_s <= 0:
+            raise InputError("serve: --max-batch, --max-inputs and --timeout must be positive, --max-wait-ms >= 0")
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class MicroBatcher:
+    """Collects decoded inputs from concurrent requests and runs them through the network in batches."""
+
+    def __init__(self, bundle, config: ServeConfig) -> None:
+        self.bundle, self.config = bundle, config
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.worker: asyncio.Task | None = None
+
+    async def predict(self, tensors: torch.Tensor, origins: list[str], k: int) -> list[dict]:
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((tensors, origins, k, future))
+        if self.worker is None or self.worker.done():
+            self.worker = asyncio.create_task(self.run())
+        return await future
+
+    async def run(self) -> None:
+        while True:
+            first = await self.queue.get()
+            items, size = [first], len(first[0])
+            deadline = time.perf_counter() + self.config.max_wait_ms / 1000
+            while size < self.config.max_batch:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), left)
+                except TimeoutError:
+                    break
+                items.append(item)
+                size += len(item[0])
+            await asyncio.to_thread(self.run_batch, items)
+
+    def run_batch(self, items: list) -> None:
+        from layerwise.tasks.classify import decode
+
+        task = self.bundle.task
+        try:
+            logits = task.logits(self.bundle.network, torch.cat([tensors for tensors, *_ in items]))
+        except Exception as err:  # noqa: BLE001 - every waiting request gets the error, the server goes on
+            for *_, future in items:
+                future.get_loop().call_soon_threadsafe(_fail, future, err)
+            return
+        start = 0
+        for tensors, origins, k, future in items:
+            part = logits[start : start + len(tensors)]
+            start += len(tensors)
+            result = [p.to_json() for p in decode(part, task.class_names, origins, k)]
+            future.get_loop().call_soon_threadsafe(_resolve, future, result)
+
+
+def _resolve(future: asyncio.Future, value) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _fail(future: asyncio.Future, err: Exception) -> None:
+    if not future.done():
+        future.set_exception(err)
+
+
+def create_app(bundle, config: ServeConfig, run_dir: Path) -> FastAPI:
+    app = FastAPI(title=f"layerwise: {bundle.config['model']['name']} ({bundle.task.name})", version=__version__)
+    batcher = MicroBatcher(bundle, config)
+    uploads = tempfile.TemporaryDirectory(prefix="layerwise-serve-")
+    metrics_file = run_dir / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()).get("metrics", {}) if metrics_file.is_file() else {}
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if request.url.path != "/health" and config.api_key is not None:
+            given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
+            if not hmac.compare_digest(given.encode(), config.api_key.encode()):
+                return error(401, "missing or wrong API key (send it as X-API-Key or Authorization: Bearer)")
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
+            return error(413, f"request body of {int(length):,} bytes exceeds the limit of {config.max_body_bytes:,}")
+        try:
+            return await asyncio.wait_for(call_next(request), config.timeout_s)
+        except TimeoutError:
+            return error(504, f"the request took longer than {config.timeout_s:g} s")
+
+    @app.exception_handler(HTTPError)
+    async def http_error(_request: Request, err: HTTPError):
+        return error(err.status, err.message)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/model")
+    async def model() -> dict:
+        return {
+            "task": bundle.task.name,
+            "modality": bundle.task.modality,
+            "model": bundle.config["model"]["name"],
+            "labels": bundle.config.get("class_labels"),
+            "metrics": metrics,
+            "layerwise_version": __version__,
+        }
+
+    @app.post("/predict")
+    async def predict(request: Request, k: int = 3):
+        if "predict" not in bundle.task.commands:
+            raise HTTPError(400, f"this is a {bundle.task.name} run; use /generate")
+        examples, names = await read_inputs(request, bundle, config, Path(uploads.name))
+        try:
+            tensors, kept, problems = await asyncio.to_thread(bundle.frontend.decode_all, examples)
+        finally:
+            for example in examples:
+                if example.path is not None:
+                    example.path.unlink(missing_ok=True)
+        reasons = {problem.origin: problem.reason for problem in problems}
+        if not kept:
+            raise HTTPError(422, "; ".join(f"{names[e.origin]}: {reasons[e.origin]}" for e in examples))
+        predicted = await batcher.predict(tensors, [examples[i].origin for i in kept], k)
+        by_origin = {p["path"]: p for p in predicted}
+        results = []
+        for example in examples:
+            if example.origin in by_origin:
+                results.append(by_origin[example.origin] | {"path": names[example.origin]})
+            else:
+                results.append({"path": names[example.origin], "error": reasons[example.origin]})
+        return {"predictions": results}
+
+    @app.post("/generate")
+    async def generate(request: Request):
+        if "generate" not in bundle.task.commands:
+            raise HTTPError(400, f"this is a {bundle.task.name} run; use /predict")
+        body = await json_body(request)
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise HTTPError(400, "'prompt': a non-empty string is required")
+        options = {
+            "max_new_tokens": int(body.get("max_new_tokens", 100)), "temperature": float(body.get("temperature", 0.8)),
+            "top_k": body.get("top_k"), "top_p": body.get("top_p"), "seed": body.get("seed"),
+        }  # fmt: skip
+        if options["max_new_tokens"] > 2048:
+            raise HTTPError(400, "'max_new_tokens' may be at most 2048")
+        if body.get("stream"):
+            return StreamingResponse(stream_tokens(bundle, prompt, options), media_type="text/event-stream")
+        try:
+            result = await asyncio.to_thread(bundle.generate, prompt, **options)
+        except InputError as err:
+            raise HTTPError(400, str(err)) from None
+        return result.to_json()
+
+    return app
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def json_body(request: Request) -> dict:
+    if not request.headers.get("content-type", "").startswith("application/json"):
+        raise HTTPError(415, "send application/json")
+    try:
+        body = json.loads(await request.body() or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise HTTPError(400, f"malformed JSON ({err})") from None
+    if not isinstance(body, dict):
+        raise HTTPError(400, "the JSON body must be an object")
+    return body
+
+
+async def read_inputs(request: Request, bundle, config: ServeConfig, folder: Path) -> tuple[list[Example], dict]:
+    """Examples from a multipart upload (files) or JSON {"texts": [...]}; origin -> the name shown back."""
+    content_type = request.headers.get("content-type", "")
+    examples, names = [], {}
+    if content_type.startswith("application/json"):
+        texts = (await json_body(request)).get("texts")
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+            raise HTTPError(400, "'texts': a non-empty list of non-empty strings is required")
+        if bundle.task.modality != "text":
+            raise HTTPError(400, f"this run classifies {bundle.task.modality}, not text: upload files")
+        if len(texts) > config.max_inputs:
+            raise HTTPError(400, f"{len(texts)} texts; at most {config.max_inputs} per request")
+        for i, text in enumerate(texts):
+            examples.append(Example(origin=f"text {i}", label=None, text=text))
+            names[f"text {i}"] = f"text {i}"
+        return examples, names
+    if not content_type.startswith("multipart/form-data"):
+        raise HTTPError(415, 'send multipart/form-data files (or application/json {"texts": [...]} for text)')
+    form = await request.form(max_files=config.max_inputs + 1)
+    files = [value for _, value in form.multi_items() if hasattr(value, "read")]
+    if not files:
+        raise HTTPError(400, "no files in the upload")
+    if len(files) > config.max_inputs:
+        raise HTTPError(400, f"{len(files)} files; at most {config.max_inputs} per request")
+    for upload in files:
+        data = await upload.read()
+        suffix = Path(upload.filename or "").suffix.lower()[:8]
+        handle = tempfile.NamedTemporaryFile(dir=folder, suffix=suffix if suffix.isascii() else "", delete=False)
+        with handle:
+            handle.write(data)
+        path = Path(handle.name)
+        examples.append(Example(origin=str(path), label=None, path=path))
+        names[str(path)] = upload.filename or "upload"
+    return examples, names
+
+
+async def stream_tokens(bundle, prompt: str, options: dict):
+    """Server-sent events: one `data:` line per piece of text, then `event: done` with the summary."""
+    queue: asyncio.Queue = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+
+    def produce() -> None:
+        try:
+            emit = lambda text: loop.call_soon_threadsafe(queue.put_nowait, text)  # noqa: E731
+            result = bundle.generate(prompt, on_text=emit, **options)
+            loop.call_soon_threadsafe(queue.put_nowait, result)
+        except InputError as err:
+            loop.call_soon_threadsafe(queue.put_nowait, err)
+
+    asyncio.get_running_loop().run_in_executor(None, produce)
+    while True:
+        item = await queue.get()
+        if isinstance(item, str):
+            yield f"data: {json.dumps(item)}\n\n"
+        elif isinstance(item, InputError):
+            yield f"event: error\ndata: {json.dumps(str(item))}\n\n"
+            return
+        else:
+            yield f"event: done\ndata: {json.dumps(item.to_json())}\n\n"
+            return
