@@ -29,3 +29,4 @@ bench: setup
 	$(PY) benchmarks/checkpoint_cost.py
 	$(PY) benchmarks/explain_speed.py
 	$(PY) benchmarks/generate.py
+	$(PY) benchmarks/serve_load.py
