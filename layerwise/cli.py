@@ -364,6 +364,7 @@ def serve_command(
     api_key_file: Annotated[
         Path | None, typer.Option("--api-key-file", help="A file holding the key every request but /health must send.")
     ] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Server processes (each loads the model once).")] = 1,
 ) -> None:
     """Serve a run over HTTP: POST /predict, POST /generate, GET /model, GET /health, docs at /docs."""
     import uvicorn
@@ -380,7 +381,19 @@ def serve_command(
         if not api_key:
             raise InputError(f"--api-key-file {api_key_file}: empty")
     config = ServeConfig(max_batch, max_wait_ms, int(max_body_mb * (1 << 20)), max_inputs, timeout, api_key)
-    uvicorn.run(create_app(load(run), config, run), host=host, port=port, log_level="warning")
+    bundle = load(run)  # fails here, with a clear message, before any worker starts
+    if workers == 1:
+        uvicorn.run(create_app(bundle, config, run), host=host, port=port, log_level="warning")
+        return
+    import dataclasses
+    import os
+
+    from layerwise.serve.app import SETTINGS_ENV
+
+    os.environ[SETTINGS_ENV] = json.dumps(dataclasses.asdict(config) | {"run": str(run.resolve())})
+    uvicorn.run(
+        "layerwise.serve.app:app_from_env", factory=True, workers=workers, host=host, port=port, log_level="warning"
+    )
 
 
 @app.command("demo")

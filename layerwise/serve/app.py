@@ -193,6 +193,20 @@ def create_app(bundle, config: ServeConfig, run_dir: Path) -> FastAPI:
     return app
 
 
+SETTINGS_ENV = "LAYERWISE_SERVE"  # how `--workers N` hands the run and settings to each worker process
+
+
+def app_from_env() -> FastAPI:
+    """The app of one uvicorn worker process (`layerwise serve --workers N`), from SETTINGS_ENV."""
+    import os
+
+    from layerwise.bundle import load
+
+    settings = json.loads(os.environ[SETTINGS_ENV])
+    run = Path(settings.pop("run"))
+    return create_app(load(run), ServeConfig(**settings), run)
+
+
 def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
