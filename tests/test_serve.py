@@ -134,3 +134,30 @@ def test_generate_runs_answer_and_stream(cli, tmp_path) -> None:
         assert "event: done" in events and "".join(pieces[:-1]) == answer["text"]
         assert httpx.post(f"{url}/predict", json={"texts": ["x"]}).status_code == 400
         assert httpx.post(f"{url}/generate", json={"prompt": ""}).status_code == 400
+
+
+def test_the_serve_command_runs_worker_processes(image_run, fashion_test) -> None:
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "layerwise", "serve", str(image_run), "--port", str(port), "--workers", "2"]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, server.stderr.read().decode()
+            assert time.monotonic() < deadline, "the server did not start"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        image = next((fashion_test / "bag").glob("*.png"))
+        answer = httpx.post(f"http://127.0.0.1:{port}/predict", files=upload(image), timeout=30)
+        assert answer.status_code == 200 and answer.json()["predictions"][0]["label"] in ("bag", "sneaker", "trouser")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
