@@ -92,7 +92,7 @@ def train_command(
         Path, typer.Argument(help="Folder with one subfolder per class, or a CSV manifest (label + path or text).")
     ],
     out: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
-    task: Annotated[str | None, typer.Option(help="What to learn: classify (default: detected from the data).")] = None,
+    task: Annotated[str | None, typer.Option(help="What to learn: classify or generate (default: detected).")] = None,
     modality: Annotated[
         str | None, typer.Option(help="image, audio or text (default: detected from the files).")
     ] = None,
