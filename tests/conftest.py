@@ -43,6 +43,21 @@ def fortunes_csv(data_root) -> Path:
     return prepare_fortunes(data_root / "fortunes", topics=("computers", "politics", "songs-poems"), per_class=200)
 
 
+@pytest.fixture(scope="session")
+def three_class_run(fashion_train, tmp_path_factory) -> Path:
+    """A small image run (bag / sneaker / trouser, 2 epochs) that tests read but never change."""
+    import shutil
+
+    data = tmp_path_factory.mktemp("three_class_data")
+    for name in ("bag", "sneaker", "trouser"):
+        shutil.copytree(fashion_train / name, data / name)
+    run = tmp_path_factory.mktemp("three_class_runs") / "run"
+    args = ["train", str(data), "--out", str(run), "--epochs", "2", "--batch-size", "16", "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    return run
+
+
 class Cli:
     """Runs `layerwise ...` in-process and returns (exit code, stdout, stderr)."""
 

@@ -7,22 +7,6 @@ from pathlib import Path
 import pytest
 
 
-@pytest.fixture(scope="module")
-def small_run(fashion_train, tmp_path_factory) -> Path:
-    from typer.testing import CliRunner
-
-    from layerwise.cli import app
-
-    data = tmp_path_factory.mktemp("bp_data")
-    for name in ("bag", "sneaker", "trouser"):
-        shutil.copytree(fashion_train / name, data / name)
-    run = tmp_path_factory.mktemp("bp_runs") / "run"
-    args = ["train", str(data), "--out", str(run), "--epochs", "2", "--batch-size", "16", "--no-progress"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.stderr
-    return run
-
-
 @pytest.fixture
 def folder(fashion_test, tmp_path) -> Path:
     """24 test images in nested folders, and one broken file."""
@@ -37,9 +21,9 @@ def lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_a_folder_streams_to_a_jsonl_file(cli, small_run, folder, tmp_path) -> None:
+def test_a_folder_streams_to_a_jsonl_file(cli, three_class_run, folder, tmp_path) -> None:
     out = tmp_path / "predictions.jsonl"
-    code, stdout, err = cli("predict", small_run, folder, "--out", out)
+    code, stdout, err = cli("predict", three_class_run, folder, "--out", out)
     assert code == 2  # the broken file
     rows = lines(out)
     files = sorted(str(p) for p in folder.rglob("*.png"))
@@ -51,24 +35,24 @@ def test_a_folder_streams_to_a_jsonl_file(cli, small_run, folder, tmp_path) -> N
     assert "wrote" in err and stdout == ""
 
 
-def test_resume_skips_what_is_written_and_mends_a_torn_line(cli, small_run, folder, tmp_path) -> None:
+def test_resume_skips_what_is_written_and_mends_a_torn_line(cli, three_class_run, folder, tmp_path) -> None:
     full = tmp_path / "full.jsonl"
-    cli("predict", small_run, folder, "--out", full)
+    cli("predict", three_class_run, folder, "--out", full)
     partial = tmp_path / "partial.jsonl"
     kept = full.read_text().splitlines()[:7]
     partial.write_text("\n".join(kept) + "\n" + '{"path": "torn')  # killed in the middle of line 8
     before = partial.read_text()
-    code, _, err = cli("predict", small_run, folder, "--out", partial)
+    code, _, err = cli("predict", three_class_run, folder, "--out", partial)
     assert code == 2 and "--resume" in err and partial.read_text() == before  # refused, untouched
-    code, _, err = cli("predict", small_run, folder, "--out", partial, "--resume")
+    code, _, err = cli("predict", three_class_run, folder, "--out", partial, "--resume")
     assert "7 input(s) already in" in err
     assert sorted(map(json.dumps, lines(partial))) == sorted(map(json.dumps, lines(full)))
 
 
-def test_chunks_give_the_same_predictions_as_one_batch(small_run, folder) -> None:
+def test_chunks_give_the_same_predictions_as_one_batch(three_class_run, folder) -> None:
     import layerwise
 
-    model = layerwise.load(small_run)
+    model = layerwise.load(three_class_run)
     examples, _ = model.find_inputs([folder])
     whole = [
         r.to_json() if hasattr(r, "to_json") else r.reason for r in model.task.predict_stream(model.network, examples)

@@ -1,27 +1,9 @@
 """`layerwise export RUN --format onnx --out FILE`: a model file that runs without layerwise."""
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
-
-
-@pytest.fixture(scope="module")
-def image_run(fashion_train, tmp_path_factory) -> Path:
-    from typer.testing import CliRunner
-
-    from layerwise.cli import app
-
-    data = tmp_path_factory.mktemp("export_data")
-    for name in ("bag", "sneaker", "trouser"):
-        shutil.copytree(fashion_train / name, data / name)
-    run = tmp_path_factory.mktemp("export_runs") / "run"
-    args = ["train", str(data), "--out", str(run), "--epochs", "2", "--batch-size", "16", "--no-progress"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.stderr
-    return run
 
 
 def numpy_only_predict(model_file: Path, image_file: Path) -> str:
@@ -42,16 +24,16 @@ def numpy_only_predict(model_file: Path, image_file: Path) -> str:
     return spec["class_labels"][int(logits[0].argmax())]
 
 
-def test_an_image_run_exports_and_runs_without_layerwise(cli, image_run, fashion_test, tmp_path) -> None:
+def test_an_image_run_exports_and_runs_without_layerwise(cli, three_class_run, fashion_test, tmp_path) -> None:
     out = tmp_path / "model.onnx"
-    code, stdout, err = cli("export", image_run, "--out", out, "--data", fashion_test, "--json")
+    code, stdout, err = cli("export", three_class_run, "--out", out, "--data", fashion_test, "--json")
     assert code == 0, err
     result = json.loads(stdout)
     assert result["max_abs_difference"] <= 1e-4 and "inputs from" in result["parity_inputs"]
     spec = json.loads((tmp_path / "model.onnx.json").read_text())
     assert spec["input"]["shape"][0] == "batch" and spec["class_labels"] == ["bag", "sneaker", "trouser"]
     files = [next((fashion_test / name).glob("*.png")) for name in ("bag", "sneaker", "trouser")]
-    code, stdout, _ = cli("predict", image_run, *files, "--json")
+    code, stdout, _ = cli("predict", three_class_run, *files, "--json")
     expected = [json.loads(line)["label"] for line in stdout.splitlines()]
     assert [numpy_only_predict(out, f) for f in files] == expected
 
@@ -79,8 +61,8 @@ def test_a_generate_run_exports_with_dynamic_batch_and_length(cli, tmp_path) -> 
         assert got.shape == expected.shape and np.abs(got - expected).max() <= 1e-4
 
 
-def test_bad_export_requests_are_clear(cli, image_run, tmp_path) -> None:
-    code, _, err = cli("export", image_run, "--out", tmp_path / "m.pt", "--format", "torchscript")
+def test_bad_export_requests_are_clear(cli, three_class_run, tmp_path) -> None:
+    code, _, err = cli("export", three_class_run, "--out", tmp_path / "m.pt", "--format", "torchscript")
     assert code == 2 and "only onnx" in err
-    code, _, err = cli("export", image_run, "--out", tmp_path / "m.onnx", "--data", tmp_path / "missing")
+    code, _, err = cli("export", three_class_run, "--out", tmp_path / "m.onnx", "--data", tmp_path / "missing")
     assert code == 2 and "missing: not found" in err

@@ -1,7 +1,6 @@
 """`layerwise serve`: a real server on 127.0.0.1, talked to over real HTTP (httpx)."""
 
 import json
-import shutil
 import socket
 import threading
 import time
@@ -11,22 +10,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-
-@pytest.fixture(scope="module")
-def image_run(fashion_train, tmp_path_factory) -> Path:
-    from typer.testing import CliRunner
-
-    from layerwise.cli import app
-
-    data = tmp_path_factory.mktemp("serve_data")
-    for name in ("bag", "sneaker", "trouser"):
-        shutil.copytree(fashion_train / name, data / name)
-    run = tmp_path_factory.mktemp("serve_runs") / "run"
-    args = ["train", str(data), "--out", str(run), "--epochs", "2", "--batch-size", "16", "--no-progress"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.stderr
-    return run
 
 
 @contextmanager
@@ -59,11 +42,11 @@ def upload(*paths: Path) -> list:
     return [("files", (p.name, p.read_bytes(), "image/png")) for p in paths]
 
 
-def test_predict_health_model_and_concurrent_requests(cli, image_run, fashion_test) -> None:
+def test_predict_health_model_and_concurrent_requests(cli, three_class_run, fashion_test) -> None:
     files = [next((fashion_test / name).glob("*.png")) for name in ("bag", "sneaker", "trouser")]
-    code, stdout, _ = cli("predict", image_run, *files, "--json")
+    code, stdout, _ = cli("predict", three_class_run, *files, "--json")
     expected = [json.loads(line) for line in stdout.splitlines()]
-    with running_server(image_run, max_wait_ms=20) as url:
+    with running_server(three_class_run, max_wait_ms=20) as url:
         assert httpx.get(f"{url}/health").json() == {"status": "ok"}
         info = httpx.get(f"{url}/model").json()
         assert info["task"] == "classify" and info["labels"] == ["bag", "sneaker", "trouser"]
@@ -85,10 +68,10 @@ def test_predict_health_model_and_concurrent_requests(cli, image_run, fashion_te
         assert httpx.get(f"{url}/docs").status_code == 200
 
 
-def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(image_run, fashion_test, tmp_path) -> None:
+def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(three_class_run, fashion_test, tmp_path) -> None:
     good = next((fashion_test / "bag").glob("*.png"))
     key_file = "s3cret"
-    with running_server(image_run, max_inputs=2, max_body_bytes=200_000, api_key=key_file) as url:
+    with running_server(three_class_run, max_inputs=2, max_body_bytes=200_000, api_key=key_file) as url:
         key = {"X-API-Key": "s3cret"}
         cases = [
             (httpx.post(f"{url}/predict", files=upload(good)), 401),
@@ -136,14 +119,14 @@ def test_generate_runs_answer_and_stream(cli, tmp_path) -> None:
         assert httpx.post(f"{url}/generate", json={"prompt": ""}).status_code == 400
 
 
-def test_the_serve_command_runs_worker_processes(image_run, fashion_test) -> None:
+def test_the_serve_command_runs_worker_processes(three_class_run, fashion_test) -> None:
     import subprocess
     import sys
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "layerwise", "serve", str(image_run), "--port", str(port), "--workers", "2"]
+    command = [sys.executable, "-m", "layerwise", "serve", str(three_class_run), "--port", str(port), "--workers", "2"]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
