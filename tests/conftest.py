@@ -58,6 +58,19 @@ def three_class_run(fashion_train, tmp_path_factory) -> Path:
     return run
 
 
+@pytest.fixture(scope="session")
+def tiny_generate_run(tmp_path_factory) -> Path:
+    """A generate run (1 epoch) on 12 kB of Debian's fortunes, that tests read but never change."""
+    root = tmp_path_factory.mktemp("tiny_generate")
+    corpus = root / "text.txt"
+    corpus.write_text(Path("/usr/share/games/fortunes/computers").read_text(errors="replace")[:12_000])
+    run = root / "gen"
+    args = ["train", str(corpus), "--out", str(run), "--epochs", "1", "--batch-size", "8", "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    return run
+
+
 class Cli:
     """Runs `layerwise ...` in-process and returns (exit code, stdout, stderr)."""
 

@@ -38,17 +38,13 @@ def test_an_image_run_exports_and_runs_without_layerwise(cli, three_class_run, f
     assert [numpy_only_predict(out, f) for f in files] == expected
 
 
-def test_a_generate_run_exports_with_dynamic_batch_and_length(cli, tmp_path) -> None:
+def test_a_generate_run_exports_with_dynamic_batch_and_length(cli, tiny_generate_run, tmp_path) -> None:
     import onnxruntime
     import torch
 
     import layerwise
 
-    corpus = tmp_path / "text.txt"
-    corpus.write_text(Path("/usr/share/games/fortunes/computers").read_text(errors="replace")[:12_000])
-    run = tmp_path / "gen"
-    code, _, err = cli("train", corpus, "--out", run, "--epochs", "1", "--batch-size", "8", "--no-progress")
-    assert code == 0, err
+    run = tiny_generate_run
     out = tmp_path / "gpt.onnx"
     code, _, err = cli("export", run, "--out", out)
     assert code == 0, err

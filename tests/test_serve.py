@@ -102,12 +102,8 @@ def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(three_class_run,
         assert not any(p.name.startswith("x.png") for p in tmp_path.iterdir())
 
 
-def test_generate_runs_answer_and_stream(cli, tmp_path) -> None:
-    corpus = tmp_path / "text.txt"
-    corpus.write_text(Path("/usr/share/games/fortunes/computers").read_text(errors="replace")[:12_000])
-    run = tmp_path / "gen"
-    code, _, err = cli("train", corpus, "--out", run, "--epochs", "1", "--batch-size", "8", "--no-progress")
-    assert code == 0, err
+def test_generate_runs_answer_and_stream(tiny_generate_run) -> None:
+    run = tiny_generate_run
     with running_server(run) as url:
         body = {"prompt": "The computer", "max_new_tokens": 12, "temperature": 0, "seed": 1}
         answer = httpx.post(f"{url}/generate", json=body, timeout=30).json()
