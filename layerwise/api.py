@@ -160,6 +160,10 @@ def fit(
     bundle = Model(network, prepared.task, run_config)
 
     metrics = prepared.task.final_metrics(network, prepared)
+    calibrate = getattr(prepared.task, "calibrate", None)  # optional: temperature, shift reference
+    if calibrate is not None:
+        calibrate(network, prepared, log=say)
+        run_config.update(prepared.task.to_json())
     baseline = prepared.task.baseline(prepared, settings.seed)
     summary = {
         "metrics": metrics,

@@ -15,7 +15,7 @@ from torch import nn
 
 from layerwise import __version__
 from layerwise.errors import InputError
-from layerwise.files import write_json, write_safetensors
+from layerwise.files import write_atomic, write_json, write_safetensors
 from layerwise.models.registry import create_model
 from layerwise.runtime import resolve_device
 
@@ -85,6 +85,38 @@ class Model:
         self.require("evaluate")
         return self.task.evaluate_data(self.network, data)
 
+    # ------------------------------------------------------------------ distribution shift
+
+    def shift(self, data, seed: int = 0):
+        """Drift test of `data` against the run's validation reference: a `ShiftResult` and the skipped inputs."""
+        self.require("shift")
+        return self.task.detect_shift(self.network, data, seed=seed)
+
+    def fit_shift_reference(self, data, run_dir: Path | None = None) -> int:
+        """Calibrate and fit the shift reference on labelled held-out `data` (for runs that lack one).
+
+        Written into `run_dir` (shift.safetensors, and the calibration in config.json) when given;
+        returns the number of examples used.
+        """
+        self.require("shift")
+        embedded = self.task.fit_reference_from(self.network, data)
+        self.config.update(self.task.to_json())
+        if run_dir is not None:
+            for name, content in self.task.run_files().items():
+                write_atomic(Path(run_dir) / name, content)
+            write_json(Path(run_dir) / CONFIG_FILE, self.config)
+        return len(embedded["embeddings"])
+
+    def robustness(self, data, max_examples: int = 2000, seed: int = 0):
+        """The metric under every corruption of the run's modality at 5 severities, and the skipped inputs."""
+        self.require("robustness")
+        return self.task.robustness(self.network, data, max_examples, seed)
+
+    def adapt(self, data) -> dict:
+        """Adapt the network in place to unlabelled `data` (test-time adaptation); returns what was done."""
+        self.require("adapt")
+        return self.task.adapt(self.network, data)
+
 
 def load(run_dir: str | Path) -> Model:
     """Read a run directory. Raises InputError naming the file or tensor that is wrong."""
@@ -109,6 +141,9 @@ def load(run_dir: str | Path) -> Model:
     except (KeyError, TypeError) as err:
         raise InputError(f"{config_path}: missing or malformed field {err}") from err
     load_weights(network, run_dir / WEIGHTS_FILE)
+    load_run_files = getattr(task, "load_run_files", None)  # optional: e.g. RUN/shift.safetensors
+    if load_run_files is not None:
+        load_run_files(run_dir)
     network.to(resolve_device("auto"))
     return Model(network, task, config)
 

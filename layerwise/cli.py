@@ -166,6 +166,141 @@ def evaluate_command(
         out_console.print(f"{'skipped':>14}: {len(problems)}")
 
 
+def print_skipped(problems) -> None:
+    for problem in problems[:20]:
+        err_console.print(f"skipped {problem.origin}: {problem.reason}", highlight=False, markup=False, soft_wrap=True)
+    if len(problems) > 20:
+        err_console.print(f"... and {len(problems) - 20} more skipped", highlight=False)
+
+
+@app.command("shift")
+@exits_cleanly
+def shift_command(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `layerwise train`.")],
+    data: Annotated[
+        Path,
+        typer.Argument(
+            help="New inputs: a flat folder of files (unlabelled), or class folders / a CSV manifest (then the true "
+            "accuracy is printed beside the estimate). With --fit-reference: labelled held-out data."
+        ),
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    fit_reference: Annotated[
+        bool,
+        typer.Option(
+            "--fit-reference",
+            help="Instead of testing: calibrate the run and store its shift reference from DATA (labelled data the "
+            "run was not trained on), for runs trained without one.",
+        ),
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the permutation test and the subsample.")] = 0,
+) -> None:
+    """Has the data changed since training? Two-sample tests on the network's embeddings, and the accuracy
+    estimated without labels."""
+    from layerwise.bundle import load
+
+    bundle = load(run)
+    if fit_reference:
+        n = bundle.fit_shift_reference(data, run)
+        calibration = bundle.task.calibration
+        message = {"reference_examples": n, **calibration}
+        if as_json:
+            print(json.dumps(message))
+        else:
+            out_console.print(
+                f"shift reference fitted on {n} examples of {data} and written to {run}; temperature "
+                f"{calibration['temperature']:.3f} (calibration error {calibration['ece_before']:.4f} -> "
+                f"{calibration['ece_after']:.4f})",
+                highlight=False,
+                soft_wrap=True,
+            )
+        return
+    result, problems = bundle.shift(data, seed=seed)
+    print_skipped(problems)
+    if as_json:
+        print(json.dumps(result.to_json() | {"skipped": len(problems)}))
+        return
+    verdict = "[red]shift detected[/]" if result.shift_detected else "[green]no shift detected[/]"
+    lines = [
+        f"{verdict}: p = {result.p_value:.3g} (level 0.01) on {result.n} inputs",
+        f"  MMD² {result.mmd_squared:.4g}, permutation p = {result.mmd_p_value:.3g}; effect size (MMD) "
+        f"{result.effect_size:.3f}",
+        f"  Kolmogorov–Smirnov: {result.dimensions_shifted}/{result.dimensions} embedding dimensions shifted "
+        f"(Benjamini–Hochberg), smallest corrected p = {result.ks_p_value:.3g}",
+        f"  estimated accuracy: {result.estimated_accuracy:.1%} (validation: {result.reference_accuracy:.1%})"
+        + ("" if result.accuracy is None else f"; true accuracy on these labels: {result.accuracy:.1%}"),
+        f"  out-of-distribution inputs: {result.ood_fraction:.1%} (about 5% on data like the validation split)",
+    ]
+    for line in lines:
+        out_console.print(line, highlight=False, soft_wrap=True)
+
+
+@app.command("robustness")
+@exits_cleanly
+def robustness_command(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `layerwise train`.")],
+    data: Annotated[Path, typer.Argument(help="Labelled data the run was not trained on (class folders or CSV).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="A folder to write robustness.png and robustness.json into.")
+    ] = None,
+    max_examples: Annotated[
+        int, typer.Option("--max-examples", min=10, help="A seeded random sample of at most this many inputs.")
+    ] = 2000,
+    seed: Annotated[int, typer.Option(help="Seed of the sample and of the random corruptions.")] = 0,
+) -> None:
+    """The run's accuracy under corruptions of its modality (dusk, noise, blur, ...; a phone line; typos) at 5
+    severities."""
+    from layerwise.bundle import load
+    from layerwise.shift.robustness import robustness_png, robustness_table
+
+    result, problems = load(run).robustness(data, max_examples=max_examples, seed=seed)
+    print_skipped(problems)
+    if out is not None:
+        from layerwise.files import write_atomic, write_json
+
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "robustness.png", robustness_png(result))
+        write_json(out / "robustness.json", result)
+        err_console.print(f"wrote {out / 'robustness.png'} and {out / 'robustness.json'}", highlight=False)
+    if as_json:
+        print(json.dumps(result))
+        return
+    header, *rows = robustness_table(result)
+    table = Table(title=f"accuracy on {result['n']} inputs under corruption")
+    for i, name in enumerate(header):
+        table.add_column(name, no_wrap=True, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    out_console.print(table)
+    out_console.print(f"mean over corruptions: {result['mean_corrupted']:.1%} (clean {result['clean']:.1%})")
+
+
+@app.command("adapt")
+@exits_cleanly
+def adapt_command(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `layerwise train`.")],
+    data: Annotated[Path, typer.Argument(help="Inputs from the new conditions; labels are optional.")],
+    out: Annotated[Path, typer.Option("--out", help="The new run directory to write (must not hold a run).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Adapt a run to new conditions from unlabelled inputs (BatchNorm statistics, or TENT); writes a new run."""
+    from layerwise.shift.adapt import adapt_run
+
+    report = adapt_run(run, data, out)
+    if as_json:
+        print(json.dumps(report))
+        return
+    out_console.print(
+        f"adapted with {report['method']} on {report['n']} inputs; wrote {out}", highlight=False, soft_wrap=True
+    )
+    if report["accuracy_before"] is not None:
+        out_console.print(
+            f"accuracy on {data}: {report['accuracy_before']:.1%} before, {report['accuracy_after']:.1%} after",
+            highlight=False,
+        )
+
+
 @app.command("predict")
 @exits_cleanly
 def predict_command(

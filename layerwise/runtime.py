@@ -77,3 +77,25 @@ def predict_logits(
     if not logits:
         return torch.zeros(0), torch.zeros(0, dtype=torch.int64)
     return torch.cat(logits), torch.cat(labels)
+
+
+@torch.no_grad()
+def predict_embeddings(
+    model: nn.Module, batches, device: torch.device | None = None, mixed_precision: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pooled embeddings (N, D) from `forward_head(..., pre_logits=True)`, outputs (N, ...) and targets, in one pass."""
+    device = device or model_device(model)
+    channels_last = channels_last_for(model, device)
+    was_training = model.training
+    model.eval()
+    embeddings, logits, labels = [], [], []
+    for x, y in batches.epoch(0):
+        with autocast_for(device, mixed_precision):
+            features = model.forward_features(to_device(x, device, channels_last))
+            embeddings.append(model.forward_head(features, pre_logits=True).float().cpu())
+            logits.append(model.forward_head(features).float().cpu())
+        labels.append(y)
+    model.train(was_training)
+    if not logits:
+        return torch.zeros(0), torch.zeros(0), torch.zeros(0, dtype=torch.int64)
+    return torch.cat(embeddings), torch.cat(logits), torch.cat(labels)

@@ -44,6 +44,15 @@ def fortunes_csv(data_root) -> Path:
 
 
 @pytest.fixture(scope="session")
+def fashion_run(tmp_path_factory, fashion_train) -> Path:
+    """A 10-class image run (600 images, 8 epochs) that tests read but never change."""
+    run = tmp_path_factory.mktemp("runs") / "fashion"
+    result = CliRunner().invoke(app, ["train", str(fashion_train), "--out", str(run), "--epochs", "8", "--no-progress"])
+    assert result.exit_code == 0, result.stderr
+    return run
+
+
+@pytest.fixture(scope="session")
 def three_class_run(fashion_train, tmp_path_factory) -> Path:
     """A small image run (bag / sneaker / trouser, 2 epochs) that tests read but never change."""
     import shutil

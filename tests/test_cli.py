@@ -10,18 +10,6 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-@pytest.fixture(scope="module")
-def fashion_run(tmp_path_factory, fashion_train) -> Path:
-    from typer.testing import CliRunner
-
-    from layerwise.cli import app
-
-    run = tmp_path_factory.mktemp("runs") / "fashion"
-    result = CliRunner().invoke(app, ["train", str(fashion_train), "--out", str(run), "--epochs", "8", "--no-progress"])
-    assert result.exit_code == 0, result.stderr
-    return run
-
-
 def test_train_writes_the_run_directory(fashion_run: Path) -> None:
     for name in ("config.json", "model.safetensors", "metrics.json", "history.jsonl", "report.html", "problems.json"):
         assert (fashion_run / name).is_file(), name

@@ -146,19 +146,28 @@ class AudioFrontEnd:
         return {"in_channels": 1}
 
     def decode_all(self, examples: list[Example]) -> tuple[torch.Tensor, list[int], list[Problem]]:
-        waves, kept, problems = [], [], []
+        """Decode every example; returns float16 log-mel (N_ok, 1, n_mels, n_frames), kept indices, problems."""
+        waves, kept, problems = self.decode_raw(examples)
+        return self.encode_raw(waves), kept, problems
+
+    def decode_raw(self, examples: list[Example]) -> tuple[torch.Tensor, list[int], list[Problem]]:
+        """Waveforms before the spectrogram: float32 (N_ok, n_samples) at prep.sample_rate, kept, problems."""
+        # Filled in place rather than stacked from a list: a large set of long clips is not held twice.
+        waves = np.empty((len(examples), self.prep.n_samples), np.float32)
+        kept, problems = [], []
         for i, example in enumerate(examples):
             try:
-                waves.append(load_waveform(example.path, self.prep))
+                waves[len(kept)] = load_waveform(example.path, self.prep)
                 kept.append(i)
             except DecodeError as err:
                 problems.append(Problem(example.origin, str(err)))
-        specs = [
-            log_mel(torch.from_numpy(np.stack(waves[i : i + STFT_BATCH])), self.prep).half()
-            for i in range(0, len(waves), STFT_BATCH)
-        ]
+        return torch.from_numpy(waves[: len(kept)]), kept, problems
+
+    def encode_raw(self, raw: torch.Tensor) -> torch.Tensor:
+        """float (N, n_samples) waveforms -> float16 log-mel (N, 1, n_mels, n_frames), as cached."""
+        specs = [log_mel(raw[i : i + STFT_BATCH].float(), self.prep).half() for i in range(0, len(raw), STFT_BATCH)]
         empty = torch.zeros((0, 1, self.prep.n_mels, self.prep.n_frames), dtype=torch.float16)
-        return (torch.cat(specs) if specs else empty), kept, problems
+        return torch.cat(specs) if specs else empty
 
     def fit_statistics(self, train_inputs: torch.Tensor) -> None:
         sample = train_inputs[:: max(1, len(train_inputs) // 2000)].float()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -24,6 +24,12 @@ class FrontEnd(Protocol):
     def to_json(self) -> dict: ...
 
     def decode_all(self, examples: list[Example]) -> tuple[torch.Tensor, list[int], list[Problem]]: ...
+
+    # The signal before the cached representation (uint8 images, float waveforms, list[str] texts), so
+    # that corruptions act on what a sensor would see; encode_raw(decode_raw(x)[0]) == decode_all(x)[0].
+    def decode_raw(self, examples: list[Example]) -> tuple[Any, list[int], list[Problem]]: ...
+
+    def encode_raw(self, raw: Any) -> torch.Tensor: ...
 
     def fit_statistics(self, train_inputs: torch.Tensor) -> None: ...
 

@@ -159,6 +159,14 @@ class ImageFrontEnd:
         stacked = np.stack([results[i] for i in kept]) if kept else np.zeros((0, *shape), np.uint8)
         return torch.from_numpy(stacked), kept, problems
 
+    def decode_raw(self, examples: list[Example]) -> tuple[torch.Tensor, list[int], list[Problem]]:
+        """The signal before caching, for corruptions: for images that is the decoded uint8 (N, C, H, W)."""
+        return self.decode_all(examples)
+
+    def encode_raw(self, raw: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, C, H, W) -> the cached tensor, which for images is the same uint8 (N, C, H, W)."""
+        return raw
+
     def fit_statistics(self, train_inputs: torch.Tensor) -> None:
         """Per-channel mean/std from the training images, uint8 (N, C, H, W)."""
         sample = train_inputs[:: max(1, len(train_inputs) // 5000)].float() / 255

@@ -112,6 +112,12 @@ class TextFrontEnd:
         return {"vocab_size": self.tokenizer.get_vocab_size(), "max_len": self.prep.max_len}
 
     def decode_all(self, examples: list[Example]) -> tuple[torch.Tensor, list[int], list[Problem]]:
+        """Decode every example; returns int64 token ids (N_ok, max_len), kept indices, problems."""
+        texts, kept, problems = self.decode_raw(examples)
+        return self.encode_raw(texts), kept, problems
+
+    def decode_raw(self, examples: list[Example]) -> tuple[list[str], list[int], list[Problem]]:
+        """The texts before tokenisation, the kept indices, and problems."""
         texts, kept, problems = [], [], []
         for i, example in enumerate(examples):
             try:
@@ -121,9 +127,12 @@ class TextFrontEnd:
                 problems.append(Problem(example.origin, str(err)))
             except OSError as err:
                 problems.append(Problem(example.origin, f"cannot read: {err.strerror}"))
-        ids = [e.ids for e in self.tokenizer.encode_batch(texts)]
-        tensor = torch.tensor(ids, dtype=torch.int64) if ids else torch.zeros((0, self.prep.max_len), dtype=torch.int64)
-        return tensor, kept, problems
+        return texts, kept, problems
+
+    def encode_raw(self, raw: list[str]) -> torch.Tensor:
+        """Texts -> int64 token ids (N, max_len), as cached."""
+        ids = [e.ids for e in self.tokenizer.encode_batch(raw)]
+        return torch.tensor(ids, dtype=torch.int64) if ids else torch.zeros((0, self.prep.max_len), dtype=torch.int64)
 
     def fit_statistics(self, train_inputs: torch.Tensor) -> None:
         """Nothing to fit: the tokenizer was trained in fit()."""

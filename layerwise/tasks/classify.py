@@ -7,12 +7,13 @@ baseline is logistic regression on features the front end gives without learning
 
 from __future__ import annotations
 
+import html
 import os
 import random
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,33 +25,50 @@ from layerwise.data.frontend import FrontEnd, fit_frontend, frontend_from_json
 from layerwise.data.sources import Example, Problem, Source, check_trainable, discover, discover_files
 from layerwise.errors import InputError
 from layerwise.models.registry import model_entry
-from layerwise.runtime import predict_logits
+from layerwise.runtime import predict_embeddings, predict_logits
+from layerwise.shift.reference import (
+    MIN_REFERENCE,
+    SHIFT_FILE,
+    Calibration,
+    ShiftReference,
+    calibrate,
+    fit_reference,
+)
 from layerwise.tasks.base import FitOptions, Prepared, RunMismatch, default_batch_size, fingerprint
 
 PREDICT_BATCH = 256
 PREDICT_CHUNK = 1024  # files decoded at once by predict_stream: bounds memory for directories of any size
 VAL_BATCH = 512
+ADAPT_BATCH = 128  # batch statistics of 128 inputs are stable; TENT takes one step per batch
 MAX_REPORT_EXAMPLES = 12
+MAX_GAUSSIAN_FIT = 5000  # training embeddings the OOD score's class Gaussians are fitted on
+REPORT_ROBUSTNESS_EXAMPLES = 1000  # validation inputs the report's robustness table is measured on
 
 
 @dataclass(frozen=True)
 class Prediction:
     path: str
     label: str
-    confidence: float
+    confidence: float  # calibrated (temperature-scaled) when the run has a calibration
     top_k: list[tuple[str, float]]
+    ood_score: float | None = None  # None for runs trained before shift detection existed
+    ood: bool | None = None
 
     def to_json(self) -> dict:
-        return {
+        document = {
             "path": self.path,
             "label": self.label,
             "confidence": round(self.confidence, 6),
             "top_k": [{"label": label, "confidence": round(p, 6)} for label, p in self.top_k],
         }
+        if self.ood is not None:
+            document |= {"ood": self.ood, "ood_score": round(self.ood_score, 4)}
+        return document
 
     def to_line(self) -> str:
         others = ", ".join(f"{label} {p:.2f}" for label, p in self.top_k[1:])
-        return f"{self.path}\t{self.label}\t{self.confidence:.3f}\t{others}"
+        flag = "\tOUT-OF-DISTRIBUTION" if self.ood else ""
+        return f"{self.path}\t{self.label}\t{self.confidence:.3f}\t{others}{flag}"
 
 
 class CrossEntropyObjective:
@@ -79,23 +97,50 @@ class ClassifyTask(CrossEntropyObjective):
     """A fitted classification task: the front end (preprocessing) and the class labels."""
 
     name = "classify"
-    commands = frozenset({"predict", "evaluate", "explain", "layers"})
+    commands = frozenset({"predict", "evaluate", "explain", "layers", "shift", "robustness", "adapt"})
 
-    def __init__(self, frontend: FrontEnd, class_names: list[str], label_smoothing: float = 0.1) -> None:
+    def __init__(
+        self, frontend: FrontEnd, class_names: list[str], label_smoothing: float = 0.1, calibration: dict | None = None
+    ) -> None:
         super().__init__(label_smoothing)
         self.frontend = frontend
         self.class_names = class_names
+        self.calibration = calibration  # {"temperature", "ece_before", "ece_after"} once fitted
+        self.shift_reference: ShiftReference | None = None  # RUN/shift.safetensors
+        self.calibration_detail: Calibration | None = None  # the reliability bins, for the report
+
+    @property
+    def temperature(self) -> float:
+        return float(self.calibration["temperature"]) if self.calibration else 1.0
 
     @property
     def modality(self) -> str:
         return self.frontend.modality
 
     def to_json(self) -> dict:
-        return {"modality": self.modality, "preprocessing": self.frontend.to_json(), "class_labels": self.class_names}
+        document = {
+            "modality": self.modality,
+            "preprocessing": self.frontend.to_json(),
+            "class_labels": self.class_names,
+        }
+        if self.calibration:
+            document["calibration"] = self.calibration
+        return document
 
     @classmethod
     def from_config(cls, config: dict) -> ClassifyTask:
-        return cls(frontend_from_json(config["preprocessing"]), list(config["class_labels"]))
+        return cls(
+            frontend_from_json(config["preprocessing"]), list(config["class_labels"]),
+            calibration=config.get("calibration"),
+        )  # fmt: skip
+
+    def run_files(self) -> dict[str, bytes]:
+        return {SHIFT_FILE: self.shift_reference.to_bytes()} if self.shift_reference is not None else {}
+
+    def load_run_files(self, run_dir: Path) -> None:
+        """Read RUN/shift.safetensors when the run has one (runs trained before shift detection do not)."""
+        if (run_dir / SHIFT_FILE).is_file():
+            self.shift_reference = ShiftReference.load(run_dir / SHIFT_FILE)
 
     # ------------------------------------------------------------------ training data
 
@@ -181,6 +226,36 @@ class ClassifyTask(CrossEntropyObjective):
         prepared.extras["val_logits"] = logits
         return classification_metrics(logits, labels, len(self.class_names))
 
+    def calibrate(self, network: nn.Module, prepared: Prepared, log=print) -> None:
+        """Fit temperature scaling and the shift reference (drift sample, OOD score, ATC) on the validation split."""
+        extras = prepared.extras
+        embeddings, logits, labels = predict_embeddings(network, prepared.val_batches)
+        if len(labels) < MIN_REFERENCE:
+            log(f"note: {len(labels)} validation examples are too few to calibrate confidences and shift detection "
+                f"(at least {MIN_REFERENCE}); confidences are uncalibrated and `layerwise shift` will need "
+                "--fit-reference")  # fmt: skip
+            return
+        train_embeddings, _, train_labels = predict_embeddings(network, self.sample_batches(
+            extras["train_inputs"], extras["train_labels"], MAX_GAUSSIAN_FIT, seed=0
+        ))  # fmt: skip
+        self.set_reference(embeddings, logits, labels, train_embeddings, train_labels)
+        log(f"calibration: temperature {self.temperature:.2f}, expected calibration error "
+            f"{self.calibration['ece_before']:.3f} -> {self.calibration['ece_after']:.3f}; "
+            f"shift reference: {len(self.shift_reference.embeddings)} validation embeddings")  # fmt: skip
+
+    def set_reference(self, embeddings, logits, labels, train_embeddings=None, train_labels=None) -> None:
+        calibration = calibrate(logits, labels)
+        self.calibration = calibration.to_json()
+        self.calibration_detail = calibration
+        self.shift_reference = fit_reference(
+            embeddings, logits, labels, calibration.temperature, train_embeddings, train_labels
+        )
+
+    def sample_batches(self, inputs: torch.Tensor, labels: torch.Tensor, n: int, seed: int = 0) -> TensorBatches:
+        """Batches of a seeded random sample of at most `n` cached inputs (all of them when fewer)."""
+        keep = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+        return TensorBatches(inputs[keep], labels[keep], PREDICT_BATCH, self.frontend.model_input)
+
     def baseline(self, prepared: Prepared, seed: int) -> dict:
         from layerwise.baseline import fit_baseline
 
@@ -240,16 +315,54 @@ class ClassifyTask(CrossEntropyObjective):
             verdict=summary["verdict"],
             examples=examples,
             problems=[p.to_json() for p in prepared.problems],
-            extra_sections=[layers_report_section(bundle, extras["val_inputs"], val_labels, log=log)],
+            extra_sections=[
+                *self.trust_sections(bundle.network, prepared, log),
+                layers_report_section(bundle, extras["val_inputs"], val_labels, log=log),
+            ],
         )
         write_report(run_dir / "report.html", data)
+
+    def trust_sections(self, network: nn.Module, prepared: Prepared, log=print) -> list[tuple[str, str]]:
+        """Calibration and robustness sections of report.html; a failure becomes the section's text."""
+        from layerwise.report.shift_sections import calibration_html, robustness_html
+        from layerwise.shift.robustness import robustness_png
+
+        sections = []
+        if self.calibration_detail is not None:
+            sections.append(("Calibration", calibration_html(self.calibration_detail)))
+        try:
+            started = time.perf_counter()
+            extras = prepared.extras
+            keep = torch.randperm(len(extras["val_examples"]), generator=torch.Generator().manual_seed(0))
+            examples = [extras["val_examples"][i] for i in keep[:REPORT_ROBUSTNESS_EXAMPLES].sort().values.tolist()]
+            result = self.measure_robustness(network, examples)
+            sections.append(("Robustness to corruptions", robustness_html(result, robustness_png(result))))
+            seconds = time.perf_counter() - started
+            log(
+                f"robustness: {result['clean']:.1%} clean, {result['mean_corrupted']:.1%} mean under "
+                f"{len(result['corruptions'])} corruptions x 5 severities ({seconds:.1f} s)"
+            )
+        except Exception as err:  # noqa: BLE001 - a failed analysis must not cost the user the report
+            log(f"warning: the robustness section of the report failed: {type(err).__name__}: {err}")
+            sections.append(
+                ("Robustness to corruptions", f'<p class="empty">Not available: {html.escape(str(err))}</p>')
+            )
+        return sections
 
     # ------------------------------------------------------------------ inference
 
     def logits(self, network: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         """Cached front-end tensors (N, ...) -> logits (N, classes)."""
-        labels = torch.zeros(len(inputs), dtype=torch.int64)
-        return predict_logits(network, TensorBatches(inputs, labels, PREDICT_BATCH, self.frontend.model_input))[0]
+        return predict_logits(network, self.batches(inputs))[0]
+
+    def embeddings_and_logits(self, network: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached front-end tensors (N, ...) -> pooled embeddings (N, D) and logits (N, classes), in one pass."""
+        embeddings, logits, _ = predict_embeddings(network, self.batches(inputs))
+        return embeddings, logits
+
+    def batches(self, inputs: torch.Tensor, labels: torch.Tensor | None = None) -> TensorBatches:
+        labels = torch.zeros(len(inputs), dtype=torch.int64) if labels is None else labels
+        return TensorBatches(inputs, labels, PREDICT_BATCH, self.frontend.model_input)
 
     def find_inputs(
         self, inputs: list[str | Path], texts: list[str] | None = None
@@ -303,14 +416,131 @@ class ClassifyTask(CrossEntropyObjective):
             part = examples[start : start + chunk]
             tensors, kept, problems = self.frontend.decode_all(part)
             by_origin = {problem.origin: problem for problem in problems}
-            predictions = iter(
-                decode(self.logits(network, tensors), self.class_names, [part[i].origin for i in kept], k)
-                if kept
-                else []
-            )
+            predictions = iter(self.decode(network, tensors, [part[i].origin for i in kept], k) if kept else [])
             kept_set = set(kept)
             for i, example in enumerate(part):
                 yield next(predictions) if i in kept_set else by_origin[example.origin]
+
+    def decode(self, network: nn.Module, tensors: torch.Tensor, origins: list[str], k: int) -> list[Prediction]:
+        """Calibrated top-k predictions, with the out-of-distribution score when the run has a shift reference."""
+        if self.shift_reference is None:
+            return decode(self.logits(network, tensors), self.class_names, origins, k, self.temperature)
+        embeddings, logits = self.embeddings_and_logits(network, tensors)
+        scores = self.shift_reference.ood.score(embeddings).tolist()
+        threshold = self.shift_reference.ood_threshold
+        return [
+            replace(p, ood_score=score, ood=score > threshold)
+            for p, score in zip(decode(logits, self.class_names, origins, k, self.temperature), scores, strict=True)
+        ]
+
+    # ------------------------------------------------------------------ shift
+
+    def read_new_data(self, data: str | Path) -> tuple[list[Example], list[int] | None, list[Problem]]:
+        """Inputs for the shift tools: labelled (class folders or a CSV with `label`) when the labels are this
+        run's classes, else unlabelled (a flat folder or file list). Refuses data of another modality."""
+        root = Path(data)
+        if not root.exists():
+            raise InputError(f"{root}: no such file or directory")
+        found = discover_files([root])
+        if found.modality != self.modality and found.examples:
+            raise InputError(f"{root}: holds {found.modality} inputs, but this run classifies {self.modality}")
+        try:
+            source = discover(root, self.modality)
+        except InputError:
+            source = None  # no class folders or label column: unlabelled
+        if source is not None and any(ex.label in self.class_names for ex in source.examples):
+            examples, labels, problems = self.labelled_examples(source)
+            return examples, labels, problems
+        unlabelled = discover_files([root], self.modality)
+        return unlabelled.examples, None, unlabelled.problems
+
+    def embed_data(self, network: nn.Module, data: str | Path) -> dict:
+        """Decode `data` and run the network once: embeddings, logits, labels (or None), raw inputs, problems."""
+        examples, labels, problems = self.read_new_data(data)
+        raw, kept, decode_problems = self.frontend.decode_raw(examples)
+        problems = problems + decode_problems
+        if not kept:
+            raise InputError(f"{data}: no decodable {self.modality} input")
+        embeddings, logits = self.embeddings_and_logits(network, self.frontend.encode_raw(raw))
+        return {
+            "embeddings": embeddings, "logits": logits, "raw": raw, "examples": [examples[i] for i in kept],
+            "labels": None if labels is None else torch.tensor([labels[i] for i in kept]), "problems": problems,
+        }  # fmt: skip
+
+    def fit_reference_from(self, network: nn.Module, data: str | Path) -> dict:
+        """`shift --fit-reference`: calibration and shift reference from labelled held-out data (older runs)."""
+        embedded = self.embed_data(network, data)
+        if embedded["labels"] is None:
+            raise InputError(
+                f"{data}: --fit-reference needs labelled held-out data (class folders or a CSV with a 'label' "
+                "column) that the run was not trained on"
+            )
+        self.set_reference(embedded["embeddings"], embedded["logits"], embedded["labels"])
+        return embedded
+
+    def detect_shift(self, network: nn.Module, data: str | Path, seed: int = 0):
+        """`layerwise shift`: a `ShiftResult` for `data`, and the inputs that could not be used."""
+        from layerwise.shift.drift import detect_shift
+
+        self.require_reference()
+        embedded = self.embed_data(network, data)
+        try:
+            result = detect_shift(
+                self.shift_reference, embedded["embeddings"], embedded["logits"], self.temperature,
+                embedded["labels"], seed=seed,
+            )  # fmt: skip
+        except InputError as err:
+            raise InputError(f"{err}{skipped_note(embedded['problems'])}") from None
+        return result, embedded["problems"]
+
+    def require_reference(self) -> None:
+        if self.shift_reference is None:
+            raise InputError(
+                "this run has no shift reference (it was trained before shift detection, on too little validation "
+                "data, or adapted with `layerwise adapt`); add one from labelled held-out data: "
+                "layerwise shift --fit-reference RUN DATA"
+            )
+
+    def measure_robustness(self, network: nn.Module, examples: list[Example], seed: int = 0) -> dict:
+        """Accuracy on labelled `examples` clean and under every corruption of the modality at 5 severities."""
+        from layerwise.shift.robustness import measure_robustness
+
+        index = {name: i for i, name in enumerate(self.class_names)}
+        raw, kept, _ = self.frontend.decode_raw(examples)
+        if not kept:
+            raise InputError("no decodable labelled input to measure robustness on")
+        labels = torch.tensor([index[examples[i].label] for i in kept])
+        return measure_robustness(
+            self.modality, raw, labels, self.frontend.encode_raw, lambda x: self.logits(network, x),
+            temperature=self.temperature,
+            atc_threshold=None if self.shift_reference is None else self.shift_reference.atc_threshold,
+            sample_rate=getattr(getattr(self.frontend, "prep", None), "sample_rate", 16000), seed=seed,
+        )  # fmt: skip
+
+    def robustness(self, network: nn.Module, data: str | Path, max_examples: int, seed: int = 0):
+        """`layerwise robustness`: the result dict and the inputs that could not be used."""
+        examples, labels, problems = self.read_new_data(data)
+        if labels is None:
+            raise InputError(f"{data}: robustness needs labelled data (class folders or a CSV with a 'label' column)")
+        if len(examples) > max_examples:
+            keep = sorted(random.Random(seed).sample(range(len(examples)), max_examples))
+            examples = [examples[i] for i in keep]
+        return self.measure_robustness(network, examples, seed), problems
+
+    def adapt(self, network: nn.Module, data: str | Path) -> dict:
+        """`layerwise adapt`: adapt `network` in place to the inputs of `data`; accuracy before/after with labels."""
+        from layerwise.shift.adapt import adapt
+
+        embedded = self.embed_data(network, data)
+        inputs = self.frontend.encode_raw(embedded["raw"])
+        labels = embedded["labels"]
+        before = None if labels is None else float((embedded["logits"].argmax(1) == labels).float().mean())
+        shuffled = TensorBatches(inputs, torch.zeros(len(inputs), dtype=torch.int64), ADAPT_BATCH,
+                                 self.frontend.model_input, shuffle=True, seed=0)  # fmt: skip
+        method = adapt(network, (x for x, _ in shuffled.epoch(0)))
+        after = None if labels is None else float((self.logits(network, inputs).argmax(1) == labels).float().mean())
+        return {"method": method, "n": len(inputs), "accuracy_before": before, "accuracy_after": after,
+                "problems": embedded["problems"]}  # fmt: skip
 
     # ------------------------------------------------------------------ export
 
@@ -353,6 +583,15 @@ class ClassifyTask(CrossEntropyObjective):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def skipped_note(problems: list[Problem], shown: int = 5) -> str:
+    """"; skipped: A (reason), B (reason) and 3 more" for an error message, or "" when nothing was skipped."""
+    if not problems:
+        return ""
+    named = ", ".join(f"{p.origin} ({p.reason})" for p in problems[:shown])
+    more = f" and {len(problems) - shown} more" if len(problems) > shown else ""
+    return f"; skipped {len(problems)}: {named}{more}"
 
 
 def looks_like_path(item: str) -> bool:
@@ -452,9 +691,11 @@ def report_summary(config: dict, summary: dict) -> dict[str, str]:
     }
 
 
-def decode(logits: torch.Tensor, class_names: list[str], origins: list[str], k: int = 3) -> list[Prediction]:
-    """Softmax, then the top-k classes per row."""
-    probabilities = torch.softmax(logits.float(), dim=1)
+def decode(
+    logits: torch.Tensor, class_names: list[str], origins: list[str], k: int = 3, temperature: float = 1.0
+) -> list[Prediction]:
+    """Softmax of logits / temperature, then the top-k classes per row."""
+    probabilities = torch.softmax(logits.float() / temperature, dim=1)
     top_p, top_i = probabilities.topk(min(k, len(class_names)), dim=1)
     return [
         Prediction(
