@@ -223,11 +223,14 @@ def shift_command(
     verdict = "[red]shift detected[/]" if result.shift_detected else "[green]no shift detected[/]"
     lines = [
         f"{verdict}: p = {result.p_value:.3g} (level 0.01) on {result.n} inputs",
-        f"  MMD² {result.mmd_squared:.4g}, permutation p = {result.mmd_p_value:.3g}; effect size (MMD) "
+        f"  MMD² {result.mmd_squared:.4g}, permutation p {'≤' if result.mmd_p_value <= 1 / 501 else '='} "
+        f"{result.mmd_p_value:.3g}; effect size (MMD) "
         f"{result.effect_size:.3f}",
         f"  Kolmogorov–Smirnov: {result.dimensions_shifted}/{result.dimensions} embedding dimensions shifted "
         f"(Benjamini–Hochberg), smallest corrected p = {result.ks_p_value:.3g}",
-        f"  estimated accuracy: {result.estimated_accuracy:.1%} (validation: {result.reference_accuracy:.1%})"
+        f"  estimated accuracy without labels: {result.estimated_accuracy:.1%}"
+        + ("" if result.estimate_error is None else f" (typical error ±{100 * result.estimate_error:.0f} points)")
+        + f"; validation accuracy {result.reference_accuracy:.1%}"
         + ("" if result.accuracy is None else f"; true accuracy on these labels: {result.accuracy:.1%}"),
         f"  out-of-distribution inputs: {result.ood_fraction:.1%} (about 5% on data like the validation split)",
     ]

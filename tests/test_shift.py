@@ -148,3 +148,18 @@ def test_shift_tools_on_a_generate_run_say_they_do_not_apply(cli, tiny_generate_
         extra = ["--out", str(tmp_path / "x")] if command == "adapt" else []
         code, _, err = cli(command, tiny_generate_run, tmp_path, *extra)
         assert code == 2 and "does not apply to a generate run" in err
+
+
+def test_the_server_answers_with_the_calibrated_confidence_and_the_ood_flag(cli, fashion_run, dusk) -> None:
+    import httpx
+    from test_serve import running_server, upload
+
+    files = sorted(dusk.rglob("*.png"))[:3]
+    code, out, _ = cli("predict", fashion_run, *files, "--json")
+    expected = [json.loads(line) for line in out.splitlines()]
+    with running_server(fashion_run, max_wait_ms=5) as url:
+        got = httpx.post(f"{url}/predict", files=upload(*files)).json()["predictions"]
+    assert [g["ood"] for g in got] == [e["ood"] for e in expected]
+    for g, e in zip(got, expected, strict=True):
+        assert g["confidence"] == pytest.approx(e["confidence"], abs=1e-5)
+        assert g["ood_score"] == pytest.approx(e["ood_score"], rel=1e-4)

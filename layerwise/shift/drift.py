@@ -32,6 +32,8 @@ class ShiftResult:
     dimensions_shifted: int
     dimensions: int
     estimated_accuracy: float
+    estimate_error: float | None  # the estimate's typical error on corruption types it was not fitted on
+    atc_estimate: float  # confidence alone (Average Thresholded Confidence), for comparison
     reference_accuracy: float
     mean_confidence: float
     ood_fraction: float  # new inputs over the per-input OOD threshold (about 5% on unchanged data)
@@ -71,7 +73,9 @@ def detect_shift(
         ks_p_value=ks.p_value,
         dimensions_shifted=int((corrected < ALPHA).sum()),
         dimensions=int(embeddings.shape[1]),
-        estimated_accuracy=atc_estimate(confidences, reference.atc_threshold),
+        estimated_accuracy=reference.estimate_accuracy(confidences, embeddings),
+        estimate_error=None if reference.accuracy_model is None else reference.accuracy_model.held_out_error,
+        atc_estimate=atc_estimate(confidences, reference.atc_threshold),
         reference_accuracy=reference.accuracy,
         mean_confidence=float(confidences.mean()),
         ood_fraction=float((reference.ood.score(embeddings) > reference.ood_threshold).float().mean()),

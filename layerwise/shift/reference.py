@@ -16,7 +16,8 @@ from safetensors import SafetensorError, safe_open
 
 from layerwise.errors import InputError
 from layerwise.files import write_atomic
-from layerwise.shift.stats import Mahalanobis, atc_threshold, fit_temperature, reliability
+from layerwise.shift.estimate import AccuracyModel, label_free_features
+from layerwise.shift.stats import Mahalanobis, atc_estimate, atc_threshold, fit_temperature, reliability
 
 SHIFT_FILE = "shift.safetensors"
 REFERENCE_SIZE = 1000  # embeddings kept for the two-sample tests; MMD's cost grows with the square
@@ -46,6 +47,17 @@ class ShiftReference:
     atc_threshold: float  # calibrated confidence threshold of the accuracy estimate
     accuracy: float  # validation accuracy the thresholds were fitted at
     n_validation: int
+    accuracy_model: AccuracyModel | None = None  # fitted on the corruption suite; None: ATC alone
+
+    def features(self, confidences: torch.Tensor, embeddings: torch.Tensor) -> list[float]:
+        """The label-free statistics of a set of inputs: calibrated confidences (N,) and embeddings (N, D)."""
+        return label_free_features(confidences, self.ood.score(embeddings), self.atc_threshold, self.ood_threshold)
+
+    def estimate_accuracy(self, confidences: torch.Tensor, embeddings: torch.Tensor) -> float:
+        """Accuracy on these inputs without their labels: the learned estimate when fitted, else ATC."""
+        if self.accuracy_model is None:
+            return atc_estimate(confidences, self.atc_threshold)
+        return self.accuracy_model.predict(self.features(confidences, embeddings))
 
     def to_bytes(self) -> bytes:
         """The safetensors file's bytes (written into the run atomically with the other run files)."""
@@ -54,6 +66,7 @@ class ShiftReference:
         metadata = {
             "ood_threshold": self.ood_threshold, "atc_threshold": self.atc_threshold, "accuracy": self.accuracy,
             "n_validation": self.n_validation, "ood_quantile": OOD_QUANTILE,
+            "accuracy_model": None if self.accuracy_model is None else self.accuracy_model.to_json(),
         }  # fmt: skip
         tensors = {"embeddings": self.embeddings, "class_means": self.ood.class_means, "precision": self.ood.precision}
         return save({k: v.contiguous() for k, v in tensors.items()}, metadata={"shift": json.dumps(metadata)})
@@ -76,7 +89,9 @@ class ShiftReference:
             atc_threshold=float(metadata["atc_threshold"]),
             accuracy=float(metadata["accuracy"]),
             n_validation=int(metadata["n_validation"]),
-        )
+            accuracy_model=None if metadata.get("accuracy_model") is None
+            else AccuracyModel.from_json(metadata["accuracy_model"]),
+        )  # fmt: skip
 
 
 def calibrate(logits: torch.Tensor, labels: torch.Tensor) -> Calibration:

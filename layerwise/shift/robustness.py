@@ -8,12 +8,23 @@ carries the label-free estimate, so a user sees how far to trust `layerwise shif
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from layerwise.shift.corruptions import CORRUPTIONS, SEVERITIES, corrupt, describe
-from layerwise.shift.stats import atc_estimate
+from layerwise.shift.reference import ShiftReference
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One labelled shifted dataset: a corruption at a severity (or the clean inputs)."""
+
+    corruption: str
+    severity: int
+    accuracy: float
+    features: list[float] | None  # label-free statistics, when the run has a shift reference
 
 
 def measure_robustness(
@@ -21,44 +32,61 @@ def measure_robustness(
     raw: Any,
     labels: torch.Tensor,
     encode: Callable[[Any], torch.Tensor],
-    logits_of: Callable[[torch.Tensor], torch.Tensor],
+    outputs_of: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     temperature: float = 1.0,
-    atc_threshold: float | None = None,
+    reference: ShiftReference | None = None,
     severities: tuple[int, ...] = SEVERITIES,
     sample_rate: int = 16000,
     seed: int = 0,
-) -> dict:
-    """Accuracy (and its label-free estimate) on clean and corrupted copies of `raw`.
+) -> tuple[dict, list[Cell]]:
+    """Accuracy (and its label-free estimate, with a reference) on clean and corrupted copies of `raw`.
 
-    `encode` turns raw inputs into the front end's cached tensors, `logits_of` those into logits (N, K).
+    `encode` turns raw inputs into the front end's cached tensors, `outputs_of` those into embeddings
+    (N, D) and logits (N, K). Returns the result document and every cell (to fit the estimate on).
     """
 
-    def score(logits: torch.Tensor) -> dict:
+    def cell(name: str, severity: int, inputs: Any) -> Cell:
+        embeddings, logits = outputs_of(encode(inputs))
         confidences = torch.softmax(logits.float() / temperature, 1).max(1).values
-        cell = {"accuracy": float((logits.argmax(1) == labels).float().mean())}
-        if atc_threshold is not None:
-            cell["estimated_accuracy"] = atc_estimate(confidences, atc_threshold)
-        return cell
+        accuracy = float((logits.argmax(1) == labels).float().mean())
+        features = None if reference is None else reference.features(confidences, embeddings)
+        return Cell(name, severity, accuracy, features)
 
-    clean = score(logits_of(encode(raw)))
+    cells = [cell("clean", 0, raw)]
+    for name in CORRUPTIONS[modality]:
+        cells += [
+            cell(name, s, corrupt(modality, raw, name, s, seed=seed, sample_rate=sample_rate)) for s in severities
+        ]
+    return summarise(modality, cells, reference, len(labels)), cells
+
+
+def summarise(modality: str, cells: list[Cell], reference: ShiftReference | None, n: int) -> dict:
+    """The result document of `layerwise robustness` from its cells, estimates by `reference` when given."""
+
+    def estimate(c: Cell) -> float | None:
+        if reference is None:
+            return None
+        if reference.accuracy_model is None:
+            return c.features[0]  # ATC
+        return reference.accuracy_model.predict(c.features)
+
     corruptions = {}
     for name in CORRUPTIONS[modality]:
-        cells = [
-            score(logits_of(encode(corrupt(modality, raw, name, s, seed=seed, sample_rate=sample_rate))))
-            for s in severities
-        ]
+        mine = [c for c in cells if c.corruption == name]
         corruptions[name] = {
-            "severity": list(severities),
-            "description": [describe(modality, name, s) for s in severities],
-            **{key: [cell[key] for cell in cells] for key in cells[0]},
+            "severity": [c.severity for c in mine],
+            "description": [describe(modality, name, c.severity) for c in mine],
+            "accuracy": [c.accuracy for c in mine],
         }
-    all_cells = [a for c in corruptions.values() for a in c["accuracy"]]
+        if reference is not None:
+            corruptions[name]["estimated_accuracy"] = [estimate(c) for c in mine]
+    corrupted = [c.accuracy for c in cells[1:]]
     return {
         "metric": "accuracy",
-        "clean": clean["accuracy"],
-        "clean_estimated": clean.get("estimated_accuracy"),
-        "mean_corrupted": sum(all_cells) / len(all_cells),
-        "n": len(labels),
+        "clean": cells[0].accuracy,
+        "clean_estimated": estimate(cells[0]),
+        "mean_corrupted": sum(corrupted) / len(corrupted),
+        "n": n,
         "corruptions": corruptions,
     }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import os
 import random
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -43,6 +44,11 @@ ADAPT_BATCH = 128  # batch statistics of 128 inputs are stable; TENT takes one s
 MAX_REPORT_EXAMPLES = 12
 MAX_GAUSSIAN_FIT = 5000  # training embeddings the OOD score's class Gaussians are fitted on
 REPORT_ROBUSTNESS_EXAMPLES = 1000  # validation inputs the report's robustness table is measured on
+
+
+def log_stderr(message: str) -> None:
+    """Progress notes of analysis commands: stderr, so that `--json` output on stdout stays one document."""
+    print(message, file=sys.stderr)
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,8 @@ class ClassifyTask(CrossEntropyObjective):
         self.calibration = calibration  # {"temperature", "ece_before", "ece_after"} once fitted
         self.shift_reference: ShiftReference | None = None  # RUN/shift.safetensors
         self.calibration_detail: Calibration | None = None  # the reliability bins, for the report
+        self.robustness_result: dict | None = None  # the corruption suite on validation data, for the report
+        self.robustness_error: str | None = None
 
     @property
     def temperature(self) -> float:
@@ -227,7 +235,8 @@ class ClassifyTask(CrossEntropyObjective):
         return classification_metrics(logits, labels, len(self.class_names))
 
     def calibrate(self, network: nn.Module, prepared: Prepared, log=print) -> None:
-        """Fit temperature scaling and the shift reference (drift sample, OOD score, ATC) on the validation split."""
+        """Fit temperature scaling and the shift reference (drift sample, OOD score, accuracy estimate) on the
+        validation split; the corruption suite run for the accuracy estimate is also the report's robustness table."""
         extras = prepared.extras
         embeddings, logits, labels = predict_embeddings(network, prepared.val_batches)
         if len(labels) < MIN_REFERENCE:
@@ -242,6 +251,31 @@ class ClassifyTask(CrossEntropyObjective):
         log(f"calibration: temperature {self.temperature:.2f}, expected calibration error "
             f"{self.calibration['ece_before']:.3f} -> {self.calibration['ece_after']:.3f}; "
             f"shift reference: {len(self.shift_reference.embeddings)} validation embeddings")  # fmt: skip
+        self.fit_accuracy_estimate(network, extras["val_examples"], log)
+
+    def fit_accuracy_estimate(self, network: nn.Module, examples: list[Example], log=log_stderr) -> None:
+        """Run the corruption suite on (a sample of) labelled held-out `examples` and fit the label-free
+        accuracy estimate on its cells. A failure leaves the ATC estimate in place and is reported."""
+        from layerwise.shift.estimate import fit_accuracy_model
+        from layerwise.shift.robustness import summarise
+
+        try:
+            started = time.perf_counter()
+            keep = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0))
+            sample = [examples[i] for i in keep[:REPORT_ROBUSTNESS_EXAMPLES].sort().values.tolist()]
+            result, cells = self.measure_robustness(network, sample)
+            model = fit_accuracy_model([c.features for c in cells], [c.accuracy for c in cells],
+                                       [c.corruption for c in cells])  # fmt: skip
+            self.shift_reference = replace(self.shift_reference, accuracy_model=model)
+            self.robustness_result = result = summarise(self.modality, cells, self.shift_reference, result["n"])
+            log(
+                f"robustness: {result['clean']:.1%} clean, {result['mean_corrupted']:.1%} mean under "
+                f"{len(result['corruptions'])} corruptions x 5 severities; label-free accuracy estimate fitted "
+                f"(error {model.held_out_error:.1%} on unseen corruptions) ({time.perf_counter() - started:.1f} s)"
+            )
+        except Exception as err:  # noqa: BLE001 - the run must not be lost to an analysis
+            self.robustness_error = f"{type(err).__name__}: {err}"
+            log(f"warning: the corruption suite failed ({self.robustness_error}); accuracy estimates use ATC")
 
     def set_reference(self, embeddings, logits, labels, train_embeddings=None, train_labels=None) -> None:
         calibration = calibrate(logits, labels)
@@ -316,37 +350,27 @@ class ClassifyTask(CrossEntropyObjective):
             examples=examples,
             problems=[p.to_json() for p in prepared.problems],
             extra_sections=[
-                *self.trust_sections(bundle.network, prepared, log),
+                *self.trust_sections(),
                 layers_report_section(bundle, extras["val_inputs"], val_labels, log=log),
             ],
         )
         write_report(run_dir / "report.html", data)
 
-    def trust_sections(self, network: nn.Module, prepared: Prepared, log=print) -> list[tuple[str, str]]:
-        """Calibration and robustness sections of report.html; a failure becomes the section's text."""
+    def trust_sections(self) -> list[tuple[str, str]]:
+        """Calibration and robustness sections of report.html, from what `calibrate` measured."""
         from layerwise.report.shift_sections import calibration_html, robustness_html
         from layerwise.shift.robustness import robustness_png
 
         sections = []
         if self.calibration_detail is not None:
             sections.append(("Calibration", calibration_html(self.calibration_detail)))
-        try:
-            started = time.perf_counter()
-            extras = prepared.extras
-            keep = torch.randperm(len(extras["val_examples"]), generator=torch.Generator().manual_seed(0))
-            examples = [extras["val_examples"][i] for i in keep[:REPORT_ROBUSTNESS_EXAMPLES].sort().values.tolist()]
-            result = self.measure_robustness(network, examples)
-            sections.append(("Robustness to corruptions", robustness_html(result, robustness_png(result))))
-            seconds = time.perf_counter() - started
-            log(
-                f"robustness: {result['clean']:.1%} clean, {result['mean_corrupted']:.1%} mean under "
-                f"{len(result['corruptions'])} corruptions x 5 severities ({seconds:.1f} s)"
-            )
-        except Exception as err:  # noqa: BLE001 - a failed analysis must not cost the user the report
-            log(f"warning: the robustness section of the report failed: {type(err).__name__}: {err}")
-            sections.append(
-                ("Robustness to corruptions", f'<p class="empty">Not available: {html.escape(str(err))}</p>')
-            )
+        if self.robustness_result is not None:
+            model = self.shift_reference.accuracy_model if self.shift_reference is not None else None
+            html_fragment = robustness_html(self.robustness_result, robustness_png(self.robustness_result), model)
+            sections.append(("Robustness to corruptions", html_fragment))
+        elif self.robustness_error is not None:
+            reason = html.escape(self.robustness_error)
+            sections.append(("Robustness to corruptions", f'<p class="empty">Not available: {reason}</p>'))
         return sections
 
     # ------------------------------------------------------------------ inference
@@ -467,7 +491,7 @@ class ClassifyTask(CrossEntropyObjective):
             "labels": None if labels is None else torch.tensor([labels[i] for i in kept]), "problems": problems,
         }  # fmt: skip
 
-    def fit_reference_from(self, network: nn.Module, data: str | Path) -> dict:
+    def fit_reference_from(self, network: nn.Module, data: str | Path, log=log_stderr) -> dict:
         """`shift --fit-reference`: calibration and shift reference from labelled held-out data (older runs)."""
         embedded = self.embed_data(network, data)
         if embedded["labels"] is None:
@@ -476,6 +500,7 @@ class ClassifyTask(CrossEntropyObjective):
                 "column) that the run was not trained on"
             )
         self.set_reference(embedded["embeddings"], embedded["logits"], embedded["labels"])
+        self.fit_accuracy_estimate(network, embedded["examples"], log=log)
         return embedded
 
     def detect_shift(self, network: nn.Module, data: str | Path, seed: int = 0):
@@ -501,8 +526,9 @@ class ClassifyTask(CrossEntropyObjective):
                 "layerwise shift --fit-reference RUN DATA"
             )
 
-    def measure_robustness(self, network: nn.Module, examples: list[Example], seed: int = 0) -> dict:
-        """Accuracy on labelled `examples` clean and under every corruption of the modality at 5 severities."""
+    def measure_robustness(self, network: nn.Module, examples: list[Example], seed: int = 0):
+        """Accuracy on labelled `examples` clean and under every corruption of the modality at 5 severities:
+        the result document and its cells."""
         from layerwise.shift.robustness import measure_robustness
 
         index = {name: i for i, name in enumerate(self.class_names)}
@@ -511,9 +537,8 @@ class ClassifyTask(CrossEntropyObjective):
             raise InputError("no decodable labelled input to measure robustness on")
         labels = torch.tensor([index[examples[i].label] for i in kept])
         return measure_robustness(
-            self.modality, raw, labels, self.frontend.encode_raw, lambda x: self.logits(network, x),
-            temperature=self.temperature,
-            atc_threshold=None if self.shift_reference is None else self.shift_reference.atc_threshold,
+            self.modality, raw, labels, self.frontend.encode_raw, lambda x: self.embeddings_and_logits(network, x),
+            temperature=self.temperature, reference=self.shift_reference,
             sample_rate=getattr(getattr(self.frontend, "prep", None), "sample_rate", 16000), seed=seed,
         )  # fmt: skip
 
@@ -525,7 +550,7 @@ class ClassifyTask(CrossEntropyObjective):
         if len(examples) > max_examples:
             keep = sorted(random.Random(seed).sample(range(len(examples)), max_examples))
             examples = [examples[i] for i in keep]
-        return self.measure_robustness(network, examples, seed), problems
+        return self.measure_robustness(network, examples, seed)[0], problems
 
     def adapt(self, network: nn.Module, data: str | Path) -> dict:
         """`layerwise adapt`: adapt `network` in place to the inputs of `data`; accuracy before/after with labels."""
@@ -586,7 +611,7 @@ class ClassifyTask(CrossEntropyObjective):
 
 
 def skipped_note(problems: list[Problem], shown: int = 5) -> str:
-    """"; skipped: A (reason), B (reason) and 3 more" for an error message, or "" when nothing was skipped."""
+    """ "; skipped: A (reason), B (reason) and 3 more" for an error message, or "" when nothing was skipped."""
     if not problems:
         return ""
     named = ", ".join(f"{p.origin} ({p.reason})" for p in problems[:shown])
