@@ -30,3 +30,4 @@ bench: setup
 	$(PY) benchmarks/explain_speed.py
 	$(PY) benchmarks/generate.py
 	$(PY) benchmarks/serve_load.py
+	$(PY) benchmarks/shift.py

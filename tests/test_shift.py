@@ -163,3 +163,45 @@ def test_the_server_answers_with_the_calibrated_confidence_and_the_ood_flag(cli,
     for g, e in zip(got, expected, strict=True):
         assert g["confidence"] == pytest.approx(e["confidence"], abs=1e-5)
         assert g["ood_score"] == pytest.approx(e["ood_score"], rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def text_run(fortunes_csv, tmp_path_factory) -> Path:
+    from typer.testing import CliRunner
+
+    from layerwise.cli import app
+
+    run = tmp_path_factory.mktemp("shift_runs") / "text"
+    result = CliRunner().invoke(app, ["train", str(fortunes_csv), "--out", str(run), "--epochs", "3", "--no-progress"])
+    assert result.exit_code == 0, result.stderr
+    return run
+
+
+def test_text_runs_get_text_corruptions_and_tent(cli, text_run, fortunes_csv, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    assert (text_run / "shift.safetensors").is_file()  # 60 validation texts: enough for a reference
+    code, out, err = cli("robustness", text_run, fortunes_csv, "--json", "--max-examples", "120")
+    assert code == 0, err
+    result = json.loads(out)
+    assert set(result["corruptions"]) == {"typos", "casing", "word_dropout"}
+    assert result["corruptions"]["word_dropout"]["accuracy"][4] <= result["clean"]
+    code, out, err = cli("shift", text_run, fortunes_csv, "--json")
+    assert code == 0 and json.loads(out)["n"] == 600, err
+    code, out, err = cli("adapt", text_run, fortunes_csv, "--out", tmp_path / "adapted", "--json")
+    assert code == 0, err
+    assert json.loads(out)["method"].startswith("TENT")
+    before, after = load_file(text_run / "model.safetensors"), load_file(tmp_path / "adapted" / "model.safetensors")
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all("norm" in name for name in changed)  # only normalisation scales and shifts move
+
+
+def test_audio_robustness_uses_the_audio_corruptions(cli, spoken_digits, tmp_path) -> None:
+    run = tmp_path / "digits"
+    code, _, err = cli("train", spoken_digits, "--out", run, "--epochs", "2", "--no-progress")
+    assert code == 0, err
+    code, out, err = cli("robustness", run, spoken_digits, "--json", "--max-examples", "40")
+    assert code == 0, err
+    result = json.loads(out)
+    assert set(result["corruptions"]) == {"background_noise", "gain", "speed", "telephone"}
+    assert all(len(cells["accuracy"]) == 5 for cells in result["corruptions"].values())
