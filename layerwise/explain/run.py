@@ -86,7 +86,7 @@ def explain_inputs(
         batch = tensors[start : start + EXPLAIN_BATCH]
         x = bundle.frontend.model_input(batch).to(device)
         with torch.no_grad():
-            probabilities = torch.softmax(network(x).float(), 1).cpu()
+            probabilities = torch.softmax(network(x).float() / bundle.task.temperature, 1).cpu()  # calibrated
         predicted = probabilities.argmax(1)
         targets = predicted if target_index is None else torch.full_like(predicted, target_index)
         attributions = {method: attribute(network, x, targets, method) for method in methods}

@@ -96,4 +96,5 @@ def spec(bundle, inputs: torch.Tensor, tokens: bool) -> dict:
         "output": {"name": "output", "meaning": bundle.task.output_meaning()},
         "preprocessing": bundle.config["preprocessing"],
         "class_labels": bundle.config.get("class_labels"),
+        "calibration": bundle.config.get("calibration"),  # divide the logits by its temperature before softmax
     }

@@ -322,7 +322,7 @@ class ClassifyTask(CrossEntropyObjective):
 
         extras = prepared.extras
         val_logits, val_labels = extras["val_logits"], extras["val_labels"]
-        probabilities = torch.softmax(val_logits, 1)
+        probabilities = torch.softmax(val_logits / self.temperature, 1)
         wrong = (val_logits.argmax(1) != val_labels).nonzero().flatten().tolist()
         wrong.sort(key=lambda i: -float(probabilities[i].max()))  # confidently wrong first
         examples = []
@@ -582,7 +582,10 @@ class ClassifyTask(CrossEntropyObjective):
         return int(self.frontend.model_inputs.get("max_len", 0))
 
     def output_meaning(self) -> str:
-        return "logits (batch, classes) in the order of class_labels; softmax gives the confidences"
+        return (
+            "logits (batch, classes) in the order of class_labels; softmax(logits / temperature) gives the "
+            f"calibrated confidences layerwise prints (temperature {self.temperature:.6g}, fitted on validation data)"
+        )
 
     def labelled_examples(self, source: Source) -> tuple[list[Example], list[int], list[Problem]]:
         """The examples whose label is one of this model's classes, their class indices, and the rest as problems."""
