@@ -92,7 +92,9 @@ def train_command(
         Path, typer.Argument(help="Folder with one subfolder per class, or a CSV manifest (label + path or text).")
     ],
     out: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
-    task: Annotated[str | None, typer.Option(help="What to learn: classify or generate (default: detected).")] = None,
+    task: Annotated[
+        str | None, typer.Option(help="What to learn: classify, detect or generate (default: detected from DATA).")
+    ] = None,
     modality: Annotated[
         str | None, typer.Option(help="image, audio or text (default: detected from the files).")
     ] = None,
@@ -171,6 +173,40 @@ def print_skipped(problems) -> None:
         err_console.print(f"skipped {problem.origin}: {problem.reason}", highlight=False, markup=False, soft_wrap=True)
     if len(problems) > 20:
         err_console.print(f"... and {len(problems) - 20} more skipped", highlight=False)
+
+
+@app.command("detect")
+@exits_cleanly
+def detect_command(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `layerwise train --task detect`.")],
+    inputs: Annotated[list[Path], typer.Argument(help="Image files, or folders searched recursively.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="A folder for one picture per input with its boxes drawn.")
+    ] = None,
+    threshold: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Report boxes with at least this confidence.")
+    ] = 0.3,
+    as_json: Annotated[
+        bool, typer.Option("--json", help='One JSON object per image: {"path", "width", "height", "boxes"}.')
+    ] = False,
+) -> None:
+    """Find and label the objects in images: boxes in the original images' pixels, with confidences."""
+    from layerwise.bundle import load
+
+    bundle = load(run)
+    bundle.require("detect")
+    detections, problems = bundle.task.detect(bundle.network, list(inputs), threshold=threshold)
+    for problem in problems:
+        print_result(problem, as_json)
+    for detection in detections:
+        print(json.dumps(detection.to_json()) if as_json else detection.to_line(), flush=True)
+    if out is not None:
+        from layerwise.serve.draw import write_detection_pictures
+
+        written = write_detection_pictures(detections, out)
+        err_console.print(f"wrote {len(written)} picture(s) to {out}", highlight=False)
+    if problems:
+        raise typer.Exit(2)
 
 
 @app.command("shift")

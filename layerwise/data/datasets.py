@@ -192,6 +192,18 @@ def prepare_fashion_mnist(
     return final
 
 
+def load_fashion_mnist_arrays(
+    split: str = "train", *, source_dir: Path = FASHION_MNIST_DIR
+) -> tuple[np.ndarray, np.ndarray]:
+    """(images (N, 28, 28) uint8, labels (N,) uint8 indexing FASHION_MNIST_CLASSES) of one split.
+
+    Read from the Debian package's IDX files; raises ``DatasetUnavailable`` if they are absent.
+    """
+    if split not in FASHION_MNIST_FILES:
+        raise ValueError(f"split must be one of {sorted(FASHION_MNIST_FILES)}, got {split!r}")
+    return _load_fashion_mnist(Path(source_dir), split, download=False, cache_dir=Path(source_dir))
+
+
 def _load_fashion_mnist(source_dir: Path, split: str, download: bool, cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """Return (images (N, 28, 28) uint8, labels (N,) uint8) for one split."""
     image_name, label_name = FASHION_MNIST_FILES[split]

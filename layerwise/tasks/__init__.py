@@ -10,9 +10,11 @@ from pathlib import Path
 
 from layerwise.errors import InputError
 from layerwise.tasks.classify import ClassifyTask
+from layerwise.tasks.detect import DetectTask
 from layerwise.tasks.generate import GenerateTask
 
-TASKS: dict[str, type] = {"classify": ClassifyTask, "generate": GenerateTask}
+# Tried in this order by detect_task: a detection folder (images + annotations) before a text corpus.
+TASKS: dict[str, type] = {"classify": ClassifyTask, "detect": DetectTask, "generate": GenerateTask}
 
 
 def task_class(name: str) -> type:

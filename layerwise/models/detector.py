@@ -1,0 +1,109 @@
+"""An FCOS object detector on a registered backbone: stages -> feature pyramid -> torchvision's FCOS head.
+
+torchvision supplies the parts the field trusts (the FCOS head with its centre-sampling target
+assignment, sigmoid focal + GIoU + centre-ness losses, `batched_nms` in post-processing); layerwise
+supplies the backbone (the same ResNet stages the classifier uses, so `--init` and per-layer probes
+work on it) and the pyramid over its last stages.
+
+Inputs are images already letterboxed to `side` x `side` and normalised by the task's front end, so
+torchvision's own resize/normalise transform is set to the identity.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+from torchvision.models.detection import FCOS
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.fcos import FCOSHead
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from layerwise.models.registry import create_model, register_model
+
+
+class PyramidBackbone(nn.Module):
+    """Backbone stages -> an FPN over the chosen stages (plus one max-pooled level), `out_channels` each."""
+
+    def __init__(self, stages: nn.Sequential, levels: tuple[str, ...], in_channels: tuple[int, ...], width: int):
+        super().__init__()
+        self.stages = stages  # named like a classifier's `stages`, so classifier weights transfer by name
+        self.levels = levels
+        self.fpn = FeaturePyramidNetwork(list(in_channels), width, extra_blocks=LastLevelMaxPool())
+        self.out_channels = width
+
+    def stage_outputs(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        outputs = OrderedDict()
+        for name, stage in self.stages.named_children():
+            x = stage(x)
+            if name in self.levels:
+                outputs[name] = x
+        return outputs
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        return self.fpn(self.stage_outputs(x))  # strides e.g. 8, 16, 32 for a stride-2 stem + max-pool
+
+
+class Detector(nn.Module):
+    """`forward(images)` -> detections (eval) or the loss dict (train, with `targets`).
+
+    images: float (B, 3, side, side), normalised; targets: per image {"boxes": (K, 4) xyxy px, "labels": (K,)}.
+    Detections: per image {"boxes": (M, 4) xyxy px in the letterboxed image, "scores": (M,), "labels": (M,)}.
+    """
+
+    def __init__(self, backbone: PyramidBackbone, num_classes: int, side: int, anchor_sizes: tuple[int, ...]) -> None:
+        super().__init__()
+        self.side = side
+        self.num_classes = num_classes
+        anchors = AnchorGenerator(tuple((s,) for s in anchor_sizes), ((1.0,),) * len(anchor_sizes))
+        # Two convolutions per branch instead of FCOS's four: at 128 px on a CPU they cost half the time and
+        # measured the same mAP on the composed scenes.
+        head = FCOSHead(backbone.out_channels, 1, num_classes, num_convs=2)
+        self.fcos = FCOS(
+            backbone, num_classes, min_size=side, max_size=side, image_mean=[0.0] * 3, image_std=[1.0] * 3,
+            anchor_generator=anchors, head=head, score_thresh=0.05, nms_thresh=0.5, detections_per_img=100,
+        )  # fmt: skip
+
+    @property
+    def backbone(self) -> PyramidBackbone:
+        return self.fcos.backbone
+
+    def named_stages(self) -> list[tuple[str, nn.Module]]:
+        return list(self.backbone.stages.named_children())
+
+    def forward_features(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        """The multi-scale features (B, out_channels, H/s, W/s) per pyramid level."""
+        return self.backbone(x)
+
+    def forward_head(self, features: OrderedDict[str, torch.Tensor], pre_logits: bool = False) -> torch.Tensor:
+        """pre_logits: the coarsest level averaged to (B, out_channels), an embedding of the whole image;
+        otherwise the head's per-location class logits (B, locations, num_classes)."""
+        if pre_logits:
+            return list(features.values())[-1].mean(dim=(2, 3))
+        return self.fcos.head(list(features.values()))["cls_logits"]
+
+    def forward(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None):
+        return self.fcos(list(images), targets)
+
+
+def build_detector(backbone_name: str, num_classes: int, side: int, width: int = 64) -> Detector:
+    """A detector on a registered ResNet backbone (RGB input, stride-2 stem) with pyramid levels at strides 8-32."""
+    classifier = create_model(backbone_name, in_channels=3, num_classes=1, stem_stride=2)
+    names = [name for name, _ in classifier.named_stages()]
+    levels = tuple(names[-2:])  # the last two stages: strides 8 and 16 (+ a pooled level at 32)
+    channels = tuple(stage[-1].conv2.out_channels for name, stage in classifier.named_stages() if name in levels)
+    backbone = PyramidBackbone(classifier.stages, levels, channels, width)
+    # An object whose farthest side is 4-8 x a level's anchor size is assigned to that level (FCOS's rule).
+    return Detector(backbone, num_classes, side, anchor_sizes=(8, 16, 32))
+
+
+@register_model("fcos_resnet_s", modalities=("image",), tasks=("detect",))
+def fcos_resnet_s(num_classes: int, side: int) -> Detector:
+    return build_detector("resnet_s", num_classes, side)
+
+
+@register_model("fcos_resnet_m", modalities=("image",), tasks=("detect",))
+def fcos_resnet_m(num_classes: int, side: int) -> Detector:
+    return build_detector("resnet_m", num_classes, side, width=96)

@@ -1,0 +1,444 @@
+"""Detection: boxes with labels and confidences for the objects in raw images.
+
+Targets are boxes read from COCO JSON or YOLO text files; the network is FCOS on a registered backbone
+(models/detector.py); the loss is focal + GIoU + centre-ness; the monitor is mAP@0.5 (COCO's, computed
+by torchmetrics); the decoder is score threshold + NMS; the honest baseline is HOG + linear SVM over
+sliding windows. Boxes are always reported in the original image's pixels.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from layerwise.data.boxes import BoxBatches, choose_side, letterbox, normalise
+from layerwise.data.sources import Problem, discover_files
+from layerwise.errors import DecodeError, InputError
+from layerwise.models.registry import model_entry
+from layerwise.runtime import model_device
+from layerwise.tasks.base import FitOptions, Prepared, RunMismatch, fingerprint
+
+DEFAULT_MODEL = "fcos_resnet_s"
+MAX_BATCH = 32  # detection batches stay small: each image carries a dense per-location target
+EVAL_BATCH = 32
+DEFAULT_THRESHOLD = 0.3  # detections below this confidence are not reported by `detect` / `predict`
+REPORT_IMAGES = 12
+STATS_SAMPLE = 500  # images the per-channel mean/std are measured on
+
+
+@dataclass(frozen=True)
+class DetectPreprocessing:
+    side: int  # letterbox side: the longer image side is scaled to it
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.25, 0.25, 0.25)
+
+    def to_json(self) -> dict:
+        return {"modality": "image", "letterbox": True, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class BoxPrediction:
+    label: str
+    confidence: float
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in the original image's pixels
+
+
+@dataclass(frozen=True)
+class Detection:
+    path: str
+    width: int
+    height: int
+    boxes: list[BoxPrediction]
+
+    def to_json(self) -> dict:
+        return {
+            "path": self.path, "width": self.width, "height": self.height,
+            "boxes": [
+                {"label": b.label, "confidence": round(b.confidence, 6), "box": [round(v, 2) for v in b.box]}
+                for b in self.boxes
+            ],
+        }  # fmt: skip
+
+    def to_line(self) -> str:
+        found = "; ".join(f"{b.label} {b.confidence:.2f} [{', '.join(f'{v:.0f}' for v in b.box)}]" for b in self.boxes)
+        return f"{self.path}\t{len(self.boxes)} object(s)\t{found}"
+
+
+class DetectTask:
+    """A fitted detection task: the letterbox preprocessing and the class labels."""
+
+    name = "detect"
+    modality = "image"
+    monitor = "map_50"
+    higher_is_better = True
+    commands = frozenset({"detect", "predict", "evaluate"})
+
+    def __init__(self, prep: DetectPreprocessing, class_names: list[str]) -> None:
+        self.prep = prep
+        self.class_names = class_names
+
+    @classmethod
+    def claims(cls, data: Path) -> bool:
+        from layerwise.data.detection import looks_like_detection
+
+        return looks_like_detection(Path(data))
+
+    def to_json(self) -> dict:
+        return {"modality": "image", "preprocessing": self.prep.to_json(), "class_labels": self.class_names}
+
+    @classmethod
+    def from_config(cls, config: dict) -> DetectTask:
+        prep = config["preprocessing"]
+        return cls(
+            DetectPreprocessing(prep["side"], tuple(prep["mean"]), tuple(prep["std"])), list(config["class_labels"])
+        )
+
+    # ------------------------------------------------------------------ training
+
+    def loss(self, model: nn.Module, images: torch.Tensor, targets: list[dict]) -> tuple[torch.Tensor, dict]:
+        losses = model(images, targets)  # {"classification", "bbox_regression", "bbox_ctrness"}
+        return sum(losses.values()), {name: float(value.detach()) for name, value in losses.items()}
+
+    def evaluate(self, model: nn.Module, batches) -> dict[str, float]:
+        """Validation loss and COCO mAP (torchmetrics) of the letterboxed validation images."""
+        metric = new_metric()
+        losses = []
+        was_training = model.training
+        for images, targets in batches.epoch(0):
+            images = images.to(model_device(model))
+            losses.append(validation_loss(model, images, targets))
+            metric.update([_cpu(d) for d in detect_batch(model, images)], targets)
+        model.train(was_training)
+        return {"loss": float(np.mean(losses)), **summarise_map(metric.compute(), self.class_names)}
+
+    @classmethod
+    def prepare(cls, data: Path, options: FitOptions, saved: dict | None = None, donor=None, log=print) -> Prepared:
+        from layerwise.data.detection import read_detection
+
+        source = read_detection(Path(data))
+        log(
+            f"{source.root}: {len(source.images)} images ({source.format}), {len(source.class_names)} classes, "
+            f"{source.counts.get('objects', 0)} objects"
+        )
+        if saved is not None and list(saved["class_labels"]) != source.class_names:
+            raise RunMismatch(
+                f"--resume: {source.root} has classes {', '.join(source.class_names)}; the run was trained on "
+                f"{', '.join(saved['class_labels'])}"
+            )
+        train_images, val_images = split_images(source.images, options.val_fraction, options.seed)
+        if not val_images or not train_images:
+            raise InputError(f"{source.root}: too few usable images to hold some out for validation")
+        if saved is not None:
+            p = saved["preprocessing"]
+            prep = DetectPreprocessing(p["side"], tuple(p["mean"]), tuple(p["std"]))
+        else:
+            prep = DetectPreprocessing(choose_side([(im.width, im.height) for im in source.images]))
+        started = time.perf_counter()
+        train_pixels, train_targets, train_kept, train_problems = decode_annotated(train_images, prep.side)
+        val_pixels, val_targets, val_kept, val_problems = decode_annotated(val_images, prep.side)
+        decode_seconds = time.perf_counter() - started
+        problems = source.problems + train_problems + val_problems
+        if not train_kept or not val_kept:
+            raise InputError(f"{source.root}: nothing usable is left to train on ({len(problems)} problems)")
+        if saved is None:
+            prep = fit_statistics(prep, train_pixels)
+        root = source.root
+        data_summary = {
+            "source": str(root), "format": source.format, "n_train": len(train_kept), "n_val": len(val_kept),
+            "n_skipped": len(problems), "val_fraction": options.val_fraction, "counts": source.counts,
+            "fingerprint": fingerprint(
+                [f"train {os.path.relpath(train_images[i].path, root)}" for i in train_kept]
+                + [f"val {os.path.relpath(val_images[i].path, root)}" for i in val_kept]
+            ),
+        }  # fmt: skip
+        if saved is not None and saved["data"].get("fingerprint") not in (None, data_summary["fingerprint"]):
+            raise RunMismatch(f"--resume: the images under {root} differ from the ones the run started on")
+        model_name = options.model or DEFAULT_MODEL
+        if "detect" not in model_entry(model_name).tasks:
+            raise InputError(f"--model {model_name} is not a detector (detectors: fcos_resnet_s, fcos_resnet_m)")
+        batch = min(MAX_BATCH, options.batch_size or MAX_BATCH)
+        task = cls(prep, source.class_names)
+        return Prepared(
+            task=task,
+            train_batches=BoxBatches(
+                train_pixels, train_targets, batch, prep.mean, prep.std, augment=True, shuffle=True, seed=options.seed
+            ),
+            val_batches=BoxBatches(val_pixels, val_targets, EVAL_BATCH, prep.mean, prep.std),
+            model_name=model_name,
+            model_config={"num_classes": len(source.class_names), "side": prep.side},
+            data_summary=data_summary,
+            problems=problems,
+            batch_size=batch,
+            extras={
+                "train_pixels": train_pixels,
+                "train_targets": train_targets,
+                "val_pixels": val_pixels,
+                "val_targets": val_targets,
+                "val_images": [val_images[i] for i in val_kept],
+                "decode_seconds": decode_seconds,
+                "split": f"validation: {options.val_fraction:.0%} of the images, seed {options.seed} "
+                "(also used for early stopping)",
+            },  # fmt: skip
+        )
+
+    # ------------------------------------------------------------------ after training
+
+    def final_metrics(self, network: nn.Module, prepared: Prepared) -> dict:
+        metric = new_metric(extended=True)
+        detections = []
+        for images, targets in prepared.val_batches.epoch(0):
+            found = [_cpu(d) for d in detect_batch(network, images.to(model_device(network)))]
+            detections += found
+            metric.update(found, targets)
+        prepared.extras["val_detections"] = detections
+        result = metric.compute()
+        prepared.extras["map_result"] = result
+        return summarise_map(result, self.class_names) | {"n_images": len(detections)}
+
+    def baseline(self, prepared: Prepared, seed: int) -> dict:
+        from layerwise.tasks.hog_detector import HogSvmDetector
+
+        started = time.perf_counter()
+        extras = prepared.extras
+        to_hwc = [im.permute(1, 2, 0).numpy() for im in extras["train_pixels"]]
+        detector = HogSvmDetector(len(self.class_names), seed=seed).fit(
+            to_hwc, [b.numpy() for b, _ in extras["train_targets"]], [lab.numpy() for _, lab in extras["train_targets"]]
+        )
+        predictions = detector.predict([im.permute(1, 2, 0).numpy() for im in extras["val_pixels"]])
+        metric = new_metric()
+        metric.update(
+            [{k: torch.as_tensor(v) for k, v in p.items()} for p in predictions],
+            [{"boxes": b, "labels": lab} for b, lab in extras["val_targets"]],
+        )
+        scores = summarise_map(metric.compute(), self.class_names)
+        return {
+            "model": "HOG + linear SVM, sliding windows + NMS",
+            **scores,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+
+    def verdict(self, metrics: dict, baseline: dict) -> str:
+        deep, classical = metrics["map_50"], baseline.get("map_50")
+        if classical is None:
+            return "No classical baseline could be fitted."
+        gap = (deep - classical) * 100
+        if gap <= 0:
+            return (
+                f"The classical detector wins: mAP@0.5 {classical:.3f} vs {deep:.3f} for the network. "
+                "Deep learning is not worth it on this data as it stands."
+            )
+        if gap < 1:
+            return f"The network is only {gap:.1f} mAP points ahead of HOG + SVM; the simpler detector may do."
+        return f"The network beats HOG + SVM by {gap:.1f} mAP@0.5 points ({deep:.3f} vs {classical:.3f})."
+
+    def summary_rows(self, summary: dict) -> list[tuple[str, str]]:
+        rows = [(f"deep: {summary['model']}", f"mAP@0.5 {summary['metrics']['map_50']:.3f}")]
+        if summary["baseline"]:
+            rows.append((f"classical: {summary['baseline']['model']}", f"mAP@0.5 {summary['baseline']['map_50']:.3f}"))
+        return rows
+
+    def write_report(self, run_dir: Path, bundle, summary: dict, result, prepared: Prepared, log=print) -> None:
+        from layerwise.report import ReportData, write_report
+        from layerwise.report.detect_sections import detection_sections
+        from layerwise.tasks.classify import report_summary
+
+        extras = prepared.extras
+        data = ReportData(
+            title=f"layerwise run: {Path(bundle.config['data']['source']).name}",
+            summary=report_summary(bundle.config, summary),
+            history=result.history,
+            class_names=[],
+            confusion=[],
+            metrics={k: v for k, v in summary["metrics"].items() if isinstance(v, float | int)},
+            baseline={k: v for k, v in summary["baseline"].items() if not isinstance(v, dict)},
+            verdict=summary["verdict"],
+            examples=[],
+            problems=[p.to_json() for p in prepared.problems],
+            monitor="map_50",
+            higher_is_better=True,
+            extra_sections=detection_sections(
+                self.class_names, extras["map_result"], extras["val_pixels"], extras["val_targets"],
+                extras["val_detections"], [im.origin for im in extras["val_images"]],
+            ),
+        )  # fmt: skip
+        write_report(run_dir / "report.html", data)
+
+    # ------------------------------------------------------------------ inference
+
+    def find_images(self, inputs: list[str | Path]) -> tuple[list, list[Problem]]:
+        paths = [Path(item) for item in inputs]
+        found = discover_files(paths, "image")
+        return found.examples, found.problems
+
+    def detect(
+        self, network: nn.Module, inputs: list[str | Path], threshold: float = DEFAULT_THRESHOLD
+    ) -> tuple[list[Detection], list[Problem]]:
+        """Boxes for every image file (folders searched recursively), in the original images' pixels."""
+        examples, problems = self.find_images(inputs)
+        detections = []
+        for start in range(0, len(examples), EVAL_BATCH):
+            part = examples[start : start + EVAL_BATCH]
+            pixels, scales, sizes, kept = [], [], [], []
+            for example in part:
+                try:
+                    image, scale, size = letterbox(example.path, self.prep.side)
+                except DecodeError as err:
+                    problems.append(Problem(example.origin, str(err)))
+                    continue
+                pixels.append(torch.from_numpy(image))
+                scales.append(scale)
+                sizes.append(size)
+                kept.append(example)
+            if not kept:
+                continue
+            images = normalise(torch.stack(pixels), self.prep.mean, self.prep.std).to(model_device(network))
+            for example, found, scale, (width, height) in zip(
+                kept, detect_batch(network, images), scales, sizes, strict=True
+            ):
+                detections.append(self.to_detection(example.origin, _cpu(found), scale, width, height, threshold))
+        return detections, problems
+
+    def to_detection(self, origin: str, found: dict, scale: float, width: int, height: int, threshold: float):
+        boxes = (found["boxes"] / scale).clamp(min=0)
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(max=width)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(max=height)
+        keep = found["scores"] >= threshold
+        return Detection(
+            origin, width, height,
+            [
+                BoxPrediction(self.class_names[int(label)], float(score), tuple(float(v) for v in box))
+                for box, score, label in zip(boxes[keep], found["scores"][keep], found["labels"][keep], strict=True)
+            ],
+        )  # fmt: skip
+
+    def predict(self, network: nn.Module, inputs: list[str | Path], texts=None, k: int = 3, **options):
+        if texts:
+            raise InputError("--text: this run detects objects in images, not text")
+        return self.detect(network, inputs, options.get("threshold", DEFAULT_THRESHOLD))
+
+    def predict_stream(self, network: nn.Module, examples: list, k: int = 3):
+        detections, problems = self.detect(network, [e.path for e in examples])
+        yield from problems
+        yield from detections
+
+    def find_inputs(self, inputs: list[str | Path], texts: list[str] | None = None):
+        if texts:
+            raise InputError("--text: this run detects objects in images, not text")
+        return self.find_images(inputs)
+
+    def evaluate_data(self, network: nn.Module, data: str | Path) -> tuple[dict, list[Problem]]:
+        """COCO mAP on annotated images (COCO or YOLO), in the original images' pixels."""
+        from layerwise.data.detection import read_detection
+
+        source = read_detection(Path(data))
+        unknown = sorted(set(source.class_names) - set(self.class_names))
+        if unknown:
+            raise InputError(f"{data}: classes {', '.join(unknown)} are not the run's ({', '.join(self.class_names)})")
+        index = [self.class_names.index(name) for name in source.class_names]
+        metric = new_metric()
+        detections, problems = self.detect(network, [im.path for im in source.images], threshold=0.0)
+        by_path = {d.path: d for d in detections}
+        for image in source.images:
+            found = by_path.get(image.origin)
+            if found is None:
+                continue
+            metric.update(
+                [{
+                    "boxes": torch.tensor([b.box for b in found.boxes], dtype=torch.float32).reshape(-1, 4),
+                    "scores": torch.tensor([b.confidence for b in found.boxes], dtype=torch.float32),
+                    "labels": torch.tensor([self.class_names.index(b.label) for b in found.boxes], dtype=torch.int64),
+                }],
+                [{"boxes": torch.from_numpy(image.boxes).float().reshape(-1, 4),
+                  "labels": torch.tensor([index[i] for i in image.labels], dtype=torch.int64)}],
+            )  # fmt: skip
+        if not by_path:
+            raise InputError(f"{data}: no decodable annotated image to evaluate")
+        return summarise_map(metric.compute(), self.class_names) | {
+            "n_images": len(by_path)
+        }, source.problems + problems
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def split_images(images: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded split by image (objects of one image never straddle the split)."""
+    order = list(range(len(images)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(val_fraction * len(images))) if len(images) >= 2 else 0
+    val = sorted(order[:n_val])
+    train = sorted(order[n_val:])
+    return [images[i] for i in train], [images[i] for i in val]
+
+
+def decode_annotated(images: list, side: int):
+    """Letterbox every annotated image: uint8 (N, 3, side, side), [(boxes (K, 4), labels (K,))], kept, problems."""
+    pixels, targets, kept, problems = [], [], [], []
+    for i, image in enumerate(images):
+        try:
+            array, scale, _ = letterbox(image.path, side)
+        except DecodeError as err:
+            problems.append(Problem(image.origin, str(err)))
+            continue
+        pixels.append(torch.from_numpy(array))
+        targets.append(
+            (torch.from_numpy(image.boxes * scale).float().reshape(-1, 4), torch.from_numpy(image.labels).long())
+        )
+        kept.append(i)
+    stacked = torch.stack(pixels) if pixels else torch.zeros((0, 3, side, side), dtype=torch.uint8)
+    return stacked, targets, kept, problems
+
+
+def fit_statistics(prep: DetectPreprocessing, pixels: torch.Tensor) -> DetectPreprocessing:
+    sample = pixels[:: max(1, len(pixels) // STATS_SAMPLE)].float() / 255
+    mean = tuple(sample.mean(dim=(0, 2, 3)).tolist())
+    std = tuple(sample.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
+    return DetectPreprocessing(prep.side, mean, std)
+
+
+@torch.no_grad()
+def detect_batch(model: nn.Module, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    model.eval()
+    return model(images)
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, images: torch.Tensor, targets: list[dict]) -> float:
+    """The training loss on validation images: FCOS returns losses only in train mode, so BatchNorm is
+    held in eval mode meanwhile (its running statistics must not learn from validation data)."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+    device = model_device(model)
+    losses = model(images, [{k: v.to(device) for k, v in t.items()} for t in targets])
+    model.eval()
+    return float(sum(losses.values()))
+
+
+def new_metric(extended: bool = False):
+    from torchmetrics.detection import MeanAveragePrecision
+
+    return MeanAveragePrecision(box_format="xyxy", iou_type="bbox", class_metrics=True, extended_summary=extended)
+
+
+def summarise_map(result: dict, class_names: list[str]) -> dict:
+    """map, map_50, map_75, mar_100 and per-class AP (mAP@[.5:.95]) as plain floats."""
+    metrics = {key: float(result[key]) for key in ("map", "map_50", "map_75", "mar_100")}
+    per_class = result["map_per_class"].flatten().tolist()
+    classes = result["classes"].flatten().tolist()
+    metrics["per_class_ap"] = {
+        class_names[int(c)]: (None if ap < 0 else round(float(ap), 6)) for c, ap in zip(classes, per_class, strict=True)
+    }
+    return metrics
+
+
+def _cpu(detection: dict) -> dict:
+    return {k: v.detach().cpu() for k, v in detection.items()}
