@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo demo-generate test test-fast lint bench
+.PHONY: setup demo demo-generate demo-detect test test-fast lint bench
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
@@ -13,6 +13,9 @@ demo: setup
 
 demo-generate: setup
 	$(VENV)/bin/layerwise demo --task generate
+
+demo-detect: setup
+	$(VENV)/bin/layerwise demo --task detect
 
 test: setup
 	$(PY) -m pytest -q
@@ -31,3 +34,4 @@ bench: setup
 	$(PY) benchmarks/generate.py
 	$(PY) benchmarks/serve_load.py
 	$(PY) benchmarks/shift.py
+	$(PY) benchmarks/detect.py

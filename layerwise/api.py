@@ -50,7 +50,7 @@ class Settings:
     seed: int = 0
     val_fraction: float = 0.1
     batch_size: int | None = None
-    lr: float = 3e-3
+    lr: float | None = None  # None: the task's default (Prepared.lr)
     epochs: int = 30  # adjustable on --resume, like the two below
     time_budget: float | None = None
     checkpoint_every: float = 300.0
@@ -130,7 +130,8 @@ def fit(
     if donor is not None:
         transfer_weights(network, donor, prepared.task, Path(init))
     config = TrainConfig(
-        epochs=settings.epochs, batch_size=prepared.batch_size, lr=settings.lr, time_budget_s=settings.time_budget,
+        epochs=settings.epochs, batch_size=prepared.batch_size, lr=settings.lr or prepared.lr,
+        time_budget_s=settings.time_budget,
         seed=settings.seed, checkpoint_every_s=settings.checkpoint_every,
     )  # fmt: skip
     run_config = {

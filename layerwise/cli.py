@@ -116,7 +116,7 @@ def train_command(
     ] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Default: chosen from the data size.")] = None,
     lr: Annotated[
-        float | None, typer.Option(help="Peak learning rate (AdamW, warmup + cosine). [default: 0.003]")
+        float | None, typer.Option(help="Peak learning rate (AdamW, warmup + cosine). [default: 0.003; detect 0.002]")
     ] = None,
     resume: Annotated[
         bool,
@@ -633,8 +633,12 @@ def explain_command(
         str | None, typer.Option(help="Class name (or index) to explain (default: each input's predicted class).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document with the raw scores.")] = False,
+    box: Annotated[
+        int, typer.Option("--box", min=1, help="Detect runs: explain each image's N-th most confident box.")
+    ] = 1,
 ) -> None:
-    """Why each prediction was made: attribution maps drawn over the input (or highlighted tokens for text)."""
+    """Why each prediction was made: attribution maps drawn over the input (or highlighted tokens for text);
+    for a detect run, which pixels drove a chosen box (Grad-CAM on its score)."""
     from layerwise.bundle import load
     from layerwise.explain.run import explain_inputs, resolve_methods
 
@@ -644,6 +648,20 @@ def explain_command(
         raise InputError("explain: give at least one file or folder, or --text")
     bundle = load(run)
     bundle.require("explain")
+    if bundle.task.name == "detect":
+        from layerwise.explain.boxes import explain_boxes
+
+        document, problems = explain_boxes(bundle, list(inputs or []), out, box)
+        for problem in problems:
+            print_result(problem, False)
+        if as_json:
+            print(json.dumps(document))
+        else:
+            for record in document["explanations"]:
+                print(f"{record['path']}\t{record['label']}\t{record['confidence']:.3f}\t{out / record['file']}")
+        if problems:
+            raise typer.Exit(2)
+        return
     document, problems = explain_inputs(bundle, list(inputs or []), out, methods, target, texts=texts)
     for problem in problems:
         err_console.print(f"error: {problem.origin}: {problem.reason}", highlight=False, markup=False, soft_wrap=True)

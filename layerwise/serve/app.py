@@ -150,6 +150,8 @@ def create_app(bundle, config: ServeConfig, run_dir: Path) -> FastAPI:
         if "predict" not in bundle.task.commands:
             raise HTTPError(400, f"this is a {bundle.task.name} run; use /generate")
         examples, names = await read_inputs(request, bundle, config, Path(uploads.name))
+        if hasattr(bundle.task, "detect"):  # boxes: one pass per request (images differ in size)
+            return await detect_uploads(examples, names)
         try:
             tensors, kept, problems = await asyncio.to_thread(bundle.frontend.decode_all, examples)
         finally:
@@ -167,6 +169,26 @@ def create_app(bundle, config: ServeConfig, run_dir: Path) -> FastAPI:
                 results.append(by_origin[example.origin] | {"path": names[example.origin]})
             else:
                 results.append({"path": names[example.origin], "error": reasons[example.origin]})
+        return {"predictions": results}
+
+    async def detect_uploads(examples: list, names: dict[str, str]) -> dict:
+        try:
+            detections, problems = await asyncio.to_thread(
+                bundle.task.detect, bundle.network, [example.path for example in examples]
+            )
+        finally:
+            for example in examples:
+                example.path.unlink(missing_ok=True)
+        if not detections:
+            raise HTTPError(422, "; ".join(f"{names.get(p.origin, p.origin)}: {p.reason}" for p in problems))
+        found = {d.path: d.to_json() for d in detections}
+        reasons = {p.origin: p.reason for p in problems}
+        results = [
+            found[e.origin] | {"path": names[e.origin]}
+            if e.origin in found
+            else {"path": names[e.origin], "error": reasons.get(e.origin, "not decodable")}
+            for e in examples
+        ]
         return {"predictions": results}
 
     @app.post("/generate")

@@ -112,6 +112,7 @@ class Prepared:
     problems: list[Problem]
     batch_size: int
     extras: dict = field(default_factory=dict)  # task-private leftovers for the baseline and report
+    lr: float = 3e-3  # the peak learning rate when the user gives none
 
 
 def score(objective: Objective, metrics: dict[str, float]) -> float:
