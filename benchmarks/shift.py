@@ -110,7 +110,7 @@ def estimate_table(task, network, raw: torch.Tensor, labels: torch.Tensor) -> No
             embeddings, logits = task.embeddings_and_logits(network, damaged)
             confidences = torch.softmax(logits / task.temperature, 1).max(1).values
             true = float((logits.argmax(1) == labels).float().mean())
-            estimate = reference.estimate_accuracy(confidences, embeddings)
+            estimate = reference.estimate_accuracy(torch.softmax(logits / task.temperature, 1), embeddings)
             atc = atc_estimate(confidences, reference.atc_threshold)
             errors.append(abs(estimate - true))
             atc_errors.append(abs(atc - true))

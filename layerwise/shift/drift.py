@@ -3,7 +3,7 @@
 New embeddings are compared with the run's reference sample by two tests — MMD with a permutation
 p-value (sensitive to any change of the joint distribution) and per-dimension Kolmogorov–Smirnov
 with the Benjamini–Hochberg correction (says which dimensions moved) — and the accuracy on the new
-data is estimated without labels from the calibrated confidences (ATC).
+data is estimated without labels (see `shift.estimate`; confidence alone, ATC, is reported beside it).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def detect_shift(
         ks_p_value=ks.p_value,
         dimensions_shifted=int((corrected < ALPHA).sum()),
         dimensions=int(embeddings.shape[1]),
-        estimated_accuracy=reference.estimate_accuracy(confidences, embeddings),
+        estimated_accuracy=reference.estimate_accuracy(torch.softmax(logits.float() / temperature, 1), embeddings),
         estimate_error=None if reference.accuracy_model is None else reference.accuracy_model.held_out_error,
         atc_estimate=atc_estimate(confidences, reference.atc_threshold),
         reference_accuracy=reference.accuracy,

@@ -18,20 +18,33 @@ import torch
 
 from layerwise.shift.stats import atc_estimate
 
-FEATURES = ("atc_estimate", "mean_confidence", "ood_fraction", "mean_log_ood_ratio")
+FEATURES = ("atc_estimate", "mean_confidence", "ood_fraction", "mean_log_ood_ratio", "prediction_shift")
 RIDGE_ALPHA = 1e-3  # the features are correlated; a whisper of L2 keeps the coefficients sane
 
 
 def label_free_features(
-    confidences: torch.Tensor, ood_scores: torch.Tensor, atc_threshold: float, ood_threshold: float
+    probabilities: torch.Tensor,
+    ood_scores: torch.Tensor,
+    atc_threshold: float,
+    ood_threshold: float,
+    class_frequencies: torch.Tensor,
 ) -> list[float]:
-    """The four statistics of a set of inputs (N,) the estimate is made from, in FEATURES order."""
+    """The statistics of a set of inputs the estimate is made from, in FEATURES order.
+
+    probabilities: calibrated (N, K); ood_scores (N,); class_frequencies (K,): how often each class was
+    predicted on the validation split. "prediction_shift" is the total-variation distance between that
+    and the predicted-class frequencies here: a network that collapses onto a few classes under noise
+    can stay confident, but not keep its class balance.
+    """
+    confidences, predicted = probabilities.max(1)
     ratio = ood_scores.double().clamp_min(1e-12) / max(ood_threshold, 1e-12)
+    frequencies = torch.bincount(predicted, minlength=len(class_frequencies)).double() / max(len(predicted), 1)
     return [
         atc_estimate(confidences, atc_threshold),
         float(confidences.double().mean()),
         float((ratio > 1).double().mean()),
         float(torch.log(ratio).mean()),
+        float(0.5 * (frequencies - class_frequencies.double()).abs().sum()),
     ]
 
 

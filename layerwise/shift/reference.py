@@ -47,17 +47,20 @@ class ShiftReference:
     atc_threshold: float  # calibrated confidence threshold of the accuracy estimate
     accuracy: float  # validation accuracy the thresholds were fitted at
     n_validation: int
+    class_frequencies: torch.Tensor | None = None  # (K,) predicted-class frequencies on validation
     accuracy_model: AccuracyModel | None = None  # fitted on the corruption suite; None: ATC alone
 
-    def features(self, confidences: torch.Tensor, embeddings: torch.Tensor) -> list[float]:
-        """The label-free statistics of a set of inputs: calibrated confidences (N,) and embeddings (N, D)."""
-        return label_free_features(confidences, self.ood.score(embeddings), self.atc_threshold, self.ood_threshold)
+    def features(self, probabilities: torch.Tensor, embeddings: torch.Tensor) -> list[float]:
+        """The label-free statistics of a set of inputs: calibrated probabilities (N, K) and embeddings (N, D)."""
+        return label_free_features(
+            probabilities, self.ood.score(embeddings), self.atc_threshold, self.ood_threshold, self.class_frequencies
+        )
 
-    def estimate_accuracy(self, confidences: torch.Tensor, embeddings: torch.Tensor) -> float:
+    def estimate_accuracy(self, probabilities: torch.Tensor, embeddings: torch.Tensor) -> float:
         """Accuracy on these inputs without their labels: the learned estimate when fitted, else ATC."""
         if self.accuracy_model is None:
-            return atc_estimate(confidences, self.atc_threshold)
-        return self.accuracy_model.predict(self.features(confidences, embeddings))
+            return atc_estimate(probabilities.max(1).values, self.atc_threshold)
+        return self.accuracy_model.predict(self.features(probabilities, embeddings))
 
     def to_bytes(self) -> bytes:
         """The safetensors file's bytes (written into the run atomically with the other run files)."""
@@ -68,7 +71,10 @@ class ShiftReference:
             "n_validation": self.n_validation, "ood_quantile": OOD_QUANTILE,
             "accuracy_model": None if self.accuracy_model is None else self.accuracy_model.to_json(),
         }  # fmt: skip
-        tensors = {"embeddings": self.embeddings, "class_means": self.ood.class_means, "precision": self.ood.precision}
+        tensors = {
+            "embeddings": self.embeddings, "class_means": self.ood.class_means, "precision": self.ood.precision,
+            "class_frequencies": self.class_frequencies,
+        }  # fmt: skip
         return save({k: v.contiguous() for k, v in tensors.items()}, metadata={"shift": json.dumps(metadata)})
 
     def save(self, path: Path) -> None:
@@ -79,7 +85,8 @@ class ShiftReference:
         try:
             with safe_open(str(path), framework="pt") as file:
                 metadata = json.loads(file.metadata()["shift"])
-                tensors = {name: file.get_tensor(name) for name in ("embeddings", "class_means", "precision")}
+                names = ("embeddings", "class_means", "precision", "class_frequencies")
+                tensors = {name: file.get_tensor(name) for name in names}
         except (SafetensorError, OSError, KeyError, TypeError, ValueError) as err:
             raise InputError(f"{path}: not a readable shift reference ({err})") from err
         return cls(
@@ -89,6 +96,7 @@ class ShiftReference:
             atc_threshold=float(metadata["atc_threshold"]),
             accuracy=float(metadata["accuracy"]),
             n_validation=int(metadata["n_validation"]),
+            class_frequencies=tensors["class_frequencies"],
             accuracy_model=None if metadata.get("accuracy_model") is None
             else AccuracyModel.from_json(metadata["accuracy_model"]),
         )  # fmt: skip
@@ -135,4 +143,5 @@ def fit_reference(
         atc_threshold=atc_threshold(confidences, correct),
         accuracy=float(correct.double().mean()),
         n_validation=len(embeddings),
+        class_frequencies=torch.bincount(logits.argmax(1), minlength=logits.shape[1]).float() / len(logits),
     )

@@ -47,9 +47,9 @@ def measure_robustness(
 
     def cell(name: str, severity: int, inputs: Any) -> Cell:
         embeddings, logits = outputs_of(encode(inputs))
-        confidences = torch.softmax(logits.float() / temperature, 1).max(1).values
         accuracy = float((logits.argmax(1) == labels).float().mean())
-        features = None if reference is None else reference.features(confidences, embeddings)
+        probabilities = torch.softmax(logits.float() / temperature, 1)
+        features = None if reference is None else reference.features(probabilities, embeddings)
         return Cell(name, severity, accuracy, features)
 
     cells = [cell("clean", 0, raw)]
