@@ -13,85 +13,32 @@
 from __future__ import annotations
 
 import argparse
-import copy
-import statistics
+import itertools
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from loop_pair import compare_loops
 
 from layerwise.data.austen import prepare_austen
 from layerwise.demo import default_cache
 from layerwise.models import create_model
 from layerwise.models.gpt import generate
-from layerwise.runtime import autocast_for
 from layerwise.tasks.base import FitOptions
 from layerwise.tasks.generate import GenerateTask
-from layerwise.training.loop import TrainConfig, make_optimizer, prepare_model, train
+from layerwise.training.loop import TrainConfig
 
 
 def throughput(prepared, steps: int, rounds: int) -> None:
     config = TrainConfig(epochs=1, batch_size=prepared.batch_size, lr=3e-3, patience=10**6)
-    windows = prepared.train_batches
-
-    class Fixed:  # the first `steps` batches of epoch 0, for both variants
-        def __len__(self) -> int:
-            return steps
-
-        def epoch(self, epoch: int, start: int = 0):
-            for i, batch in enumerate(windows.epoch(epoch, start)):
-                if i + start >= steps:
-                    return
-                yield batch
-
-    class NoValidation:  # one nominal batch (the loop requires one); Objective.evaluate never reads it
-        def __len__(self) -> int:
-            return 1
-
-        def epoch(self, epoch: int = 0, start: int = 0):
-            return iter(())
-
-    class Objective:  # the task's loss; validation left out of both variants
-        monitor, higher_is_better = "loss", False
-
-        def loss(self, model, x, y):
-            return prepared.task.loss(model, x, y)
-
-        def evaluate(self, model, batches):
-            return {"loss": 0.0}
-
+    batches = list(itertools.islice(prepared.train_batches.epoch(0), steps))  # the same batches for both loops
     torch.manual_seed(0)
     initial = create_model(prepared.model_name, **prepared.model_config)
-    tokens_per_step = prepared.batch_size * prepared.model_config["context_len"]
-
-    def layerwise_run() -> float:
-        model = copy.deepcopy(initial)
-        started = time.perf_counter()
-        train(model, Fixed(), NoValidation(), config, show_progress=False, log=lambda *_: None, objective=Objective())
-        return steps * tokens_per_step / (time.perf_counter() - started)
-
-    def bare_run() -> float:
-        model = prepare_model(copy.deepcopy(initial), torch.device("cpu"))
-        optimizer = make_optimizer(model, config)
-        started = time.perf_counter()
-        model.train()
-        for x, y in Fixed().epoch(0):
-            with autocast_for(torch.device("cpu"), True):
-                logits = model(x).float()
-                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        return steps * tokens_per_step / (time.perf_counter() - started)
-
-    layerwise_run(), bare_run()  # warm-up
-    ours, bare = [], []
-    for i in range(rounds):
-        ours.append(layerwise_run())
-        bare.append(bare_run())
-        print(f"round {i + 1}: layerwise {ours[-1]:,.0f} tokens/s, bare {bare[-1]:,.0f} tokens/s")
-    ratio = statistics.median(ours) / statistics.median(bare)
+    tokens = steps * prepared.batch_size * prepared.model_config["context_len"]
+    ratio = compare_loops(
+        initial, batches, lambda m, x, y: prepared.task.loss(m, x, y)[0], config, tokens, "tokens", rounds
+    )
     print(f"(a) training throughput ratio layerwise/bare = {ratio:.3f} (target >= 0.95)")
 
 

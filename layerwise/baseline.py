@@ -47,19 +47,24 @@ def fit_baseline(modality: str, train_x, train_y: np.ndarray, val_x, val_y: np.n
     }
 
 
-def verdict(deep_accuracy: float, baseline_accuracy: float | None) -> str:
-    """One plain sentence on whether deep learning paid off here."""
-    if baseline_accuracy is None:
+def verdict(deep: float, classical: float | None, metric: str = "", show=lambda v: f"{v:.1%}") -> str:
+    """One plain sentence on whether deep learning paid off here, for a score in [0, 1] where higher is better.
+
+    `metric` names the score in the sentence (e.g. "mAP@0.5 "); `show` formats a value.
+    """
+    if classical is None:
         return "No classical baseline could be fitted."
-    gap = (deep_accuracy - baseline_accuracy) * 100
+    gap = (deep - classical) * 100
     if gap <= 0:
         return (
-            f"The classical baseline wins: {baseline_accuracy:.1%} vs {deep_accuracy:.1%} for the deep model. "
+            f"The classical baseline wins: {metric}{show(classical)} vs {show(deep)} for the deep model. "
             "Deep learning is not worth it on this data as it stands."
         )
     if gap < 1:
-        return f"The deep model is only {gap:.1f} points ahead of the classical baseline; the simpler model may do."
+        return (
+            f"The deep model is only {gap:.1f} {metric}points ahead of the classical baseline; "
+            "the simpler model may do."
+        )
     return (
-        f"The deep model beats the classical baseline by {gap:.1f} points "
-        f"({deep_accuracy:.1%} vs {baseline_accuracy:.1%})."
+        f"The deep model beats the classical baseline by {gap:.1f} {metric}points ({show(deep)} vs {show(classical)})."
     )

@@ -115,6 +115,14 @@ class Prepared:
     lr: float = 3e-3  # the peak learning rate when the user gives none
 
 
+def result_rows(summary: dict, key: str, show: Callable[[float], str]) -> list[tuple[str, str]]:
+    """(model, value) rows of the CLI's result table for metric `key`: the deep model first, then the baseline."""
+    rows = [(f"deep: {summary['model']}", show(summary["metrics"][key]))]
+    if summary["baseline"] and summary["baseline"].get(key) is not None:
+        rows.append((f"classical: {summary['baseline']['model']}", show(summary["baseline"][key])))
+    return rows
+
+
 def score(objective: Objective, metrics: dict[str, float]) -> float:
     """The monitored metric as a number where higher is better."""
     value = float(metrics[objective.monitor])

@@ -35,7 +35,7 @@ from layerwise.shift.reference import (
     calibrate,
     fit_reference,
 )
-from layerwise.tasks.base import FitOptions, Prepared, RunMismatch, default_batch_size, fingerprint
+from layerwise.tasks.base import FitOptions, Prepared, RunMismatch, default_batch_size, fingerprint, result_rows
 
 PREDICT_BATCH = 256
 PREDICT_CHUNK = 1024  # files decoded at once by predict_stream: bounds memory for directories of any size
@@ -309,11 +309,7 @@ class ClassifyTask(CrossEntropyObjective):
         return verdict(metrics["accuracy"], baseline.get("accuracy"))
 
     def summary_rows(self, summary: dict) -> list[tuple[str, str]]:
-        """(model, value) rows of the CLI's result table, deep first."""
-        rows = [(f"deep: {summary['model']}", f"{summary['metrics']['accuracy']:.2%}")]
-        if summary["baseline"]:
-            rows.append((f"classical: {summary['baseline']['model']}", f"{summary['baseline']['accuracy']:.2%}"))
-        return rows
+        return result_rows(summary, "accuracy", lambda v: f"{v:.2%}")
 
     def write_report(self, run_dir: Path, bundle, summary: dict, result, prepared: Prepared, log=print) -> None:
         from layerwise.explain import layers_report_section

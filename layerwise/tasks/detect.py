@@ -23,7 +23,7 @@ from layerwise.data.sources import Problem, discover_files
 from layerwise.errors import DecodeError, InputError
 from layerwise.models.registry import model_entry
 from layerwise.runtime import model_device
-from layerwise.tasks.base import FitOptions, Prepared, RunMismatch, fingerprint
+from layerwise.tasks.base import FitOptions, Prepared, RunMismatch, fingerprint, result_rows
 
 DEFAULT_MODEL = "fcos_resnet_s"
 # Batch 16 at peak learning rate 2e-3 learned fastest in a fixed CPU time on the composed scenes: after
@@ -237,24 +237,12 @@ class DetectTask:
         }
 
     def verdict(self, metrics: dict, baseline: dict) -> str:
-        deep, classical = metrics["map_50"], baseline.get("map_50")
-        if classical is None:
-            return "No classical baseline could be fitted."
-        gap = (deep - classical) * 100
-        if gap <= 0:
-            return (
-                f"The classical detector wins: mAP@0.5 {classical:.3f} vs {deep:.3f} for the network. "
-                "Deep learning is not worth it on this data as it stands."
-            )
-        if gap < 1:
-            return f"The network is only {gap:.1f} mAP points ahead of HOG + SVM; the simpler detector may do."
-        return f"The network beats HOG + SVM by {gap:.1f} mAP@0.5 points ({deep:.3f} vs {classical:.3f})."
+        from layerwise.baseline import verdict
+
+        return verdict(metrics["map_50"], baseline.get("map_50"), metric="mAP@0.5 ", show=lambda v: f"{v:.3f}")
 
     def summary_rows(self, summary: dict) -> list[tuple[str, str]]:
-        rows = [(f"deep: {summary['model']}", f"mAP@0.5 {summary['metrics']['map_50']:.3f}")]
-        if summary["baseline"]:
-            rows.append((f"classical: {summary['baseline']['model']}", f"mAP@0.5 {summary['baseline']['map_50']:.3f}"))
-        return rows
+        return result_rows(summary, "map_50", lambda v: f"mAP@0.5 {v:.3f}")
 
     def write_report(self, run_dir: Path, bundle, summary: dict, result, prepared: Prepared, log=print) -> None:
         from layerwise.report import ReportData, write_report

@@ -40,7 +40,7 @@ from layerwise.data.windows import RandomWindows, SequentialWindows
 from layerwise.errors import InputError
 from layerwise.models.registry import model_entry
 from layerwise.runtime import autocast_for, model_device, to_device
-from layerwise.tasks.base import FitOptions, Prepared, RunMismatch
+from layerwise.tasks.base import FitOptions, Prepared, RunMismatch, result_rows
 
 NGRAM_ORDER = 6  # the byte n-gram baseline's order (6 scored best on held-out Austen among 4..8)
 MAX_BASELINE_BYTES = 32 << 20  # the n-gram model is fitted on at most the first 32 MB of training text
@@ -271,10 +271,7 @@ class GenerateTask:
         )
 
     def summary_rows(self, summary: dict) -> list[tuple[str, str]]:
-        rows = [(f"deep: {summary['model']}", f"{summary['metrics']['bits_per_byte']:.3f}")]
-        if summary["baseline"]:
-            rows.append((f"classical: {summary['baseline']['model']}", f"{summary['baseline']['bits_per_byte']:.3f}"))
-        return rows
+        return result_rows(summary, "bits_per_byte", lambda v: f"{v:.3f}")
 
     def write_report(self, run_dir: Path, bundle, summary: dict, result, prepared: Prepared, log=print) -> None:
         from layerwise.report import ReportData, write_report
