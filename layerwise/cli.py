@@ -640,7 +640,7 @@ def explain_command(
     """Why each prediction was made: attribution maps drawn over the input (or highlighted tokens for text);
     for a detect run, which pixels drove a chosen box (Grad-CAM on its score)."""
     from layerwise.bundle import load
-    from layerwise.explain.run import explain_inputs, resolve_methods
+    from layerwise.explain.run import resolve_methods
 
     methods = resolve_methods(method)
     texts = read_texts(text)
@@ -648,34 +648,16 @@ def explain_command(
         raise InputError("explain: give at least one file or folder, or --text")
     bundle = load(run)
     bundle.require("explain")
-    if bundle.task.name == "detect":
-        from layerwise.explain.boxes import explain_boxes
-
-        document, problems = explain_boxes(bundle, list(inputs or []), out, box)
-        for problem in problems:
-            print_result(problem, False)
-        if as_json:
-            print(json.dumps(document))
-        else:
-            for record in document["explanations"]:
-                print(f"{record['path']}\t{record['label']}\t{record['confidence']:.3f}\t{out / record['file']}")
-        if problems:
-            raise typer.Exit(2)
-        return
-    document, problems = explain_inputs(bundle, list(inputs or []), out, methods, target, texts=texts)
+    document, problems, lines = bundle.task.explain(
+        bundle, list(inputs or []), out, methods=methods, target=target, texts=texts, box=box
+    )
     for problem in problems:
         err_console.print(f"error: {problem.origin}: {problem.reason}", highlight=False, markup=False, soft_wrap=True)
     if as_json:
         print(json.dumps(document))
     else:
-        for record in document["explanations"]:
-            files = ", ".join(str(out / name) for name in record["files"].values())
-            print(f"{record['path']}\t{record['predicted']}\t{record['confidence']:.3f}\t{record['target']}\t{files}")
-        out_console.print(
-            f"{len(document['explanations'])} input(s) explained in {document['seconds']:.2f} s "
-            f"({document['seconds_per_input']:.2f} s each); scores in {out / 'explanations.json'}",
-            highlight=False,
-        )
+        for line in lines:
+            print(line)
     if problems:
         raise typer.Exit(2)
 

@@ -96,7 +96,8 @@ class Task(Objective, Protocol):
     # Optional: `claims(data) -> bool` (classmethod) lets the task be detected from DATA's layout;
     # `run_files() -> dict[str, str | bytes]` adds files to the run directory (e.g. tokenizer.json), and
     # `load_run_files(run_dir)` reads them back at load time; `calibrate(network, prepared, log)` fits
-    # what inference needs from the held-out split after training (temperature, shift reference).
+    # what inference needs from the held-out split after training (temperature, shift reference);
+    # `explain(bundle, inputs, out_dir, methods, target, texts, box)` answers `layerwise explain`.
 
 
 @dataclass

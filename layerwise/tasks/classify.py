@@ -369,6 +369,23 @@ class ClassifyTask(CrossEntropyObjective):
             sections.append(("Robustness to corruptions", f'<p class="empty">Not available: {reason}</p>'))
         return sections
 
+    def explain(self, bundle, inputs: list, out_dir: Path, methods: tuple[str, ...], target: str | None,
+                texts: list[str] | None, box: int = 1) -> tuple[dict, list[Problem], list[str]]:  # fmt: skip
+        """`layerwise explain`: attribution maps per input and method; the document, problems and output lines."""
+        from layerwise.explain.run import explain_inputs
+
+        document, problems = explain_inputs(bundle, inputs, out_dir, methods, target, texts=texts)
+        lines = [
+            f"{r['path']}\t{r['predicted']}\t{r['confidence']:.3f}\t{r['target']}\t"
+            + ", ".join(str(out_dir / name) for name in r["files"].values())
+            for r in document["explanations"]
+        ]
+        lines.append(
+            f"{len(document['explanations'])} input(s) explained in {document['seconds']:.2f} s "
+            f"({document['seconds_per_input']:.2f} s each); scores in {out_dir / 'explanations.json'}"
+        )
+        return document, problems, lines
+
     # ------------------------------------------------------------------ inference
 
     def logits(self, network: nn.Module, inputs: torch.Tensor) -> torch.Tensor:

@@ -270,6 +270,19 @@ class DetectTask:
         )  # fmt: skip
         write_report(run_dir / "report.html", data)
 
+    def explain(self, bundle, inputs: list, out_dir: Path, methods: tuple[str, ...], target: str | None,
+                texts: list[str] | None, box: int = 1) -> tuple[dict, list[Problem], list[str]]:  # fmt: skip
+        """`layerwise explain`: Grad-CAM of each image's `box`-th most confident box."""
+        from layerwise.explain.boxes import explain_boxes
+
+        if texts:
+            raise InputError("--text: this run detects objects in images, not text")
+        document, problems = explain_boxes(bundle, inputs, out_dir, box)
+        lines = [
+            f"{r['path']}\t{r['label']}\t{r['confidence']:.3f}\t{out_dir / r['file']}" for r in document["explanations"]
+        ]
+        return document, problems, lines
+
     # ------------------------------------------------------------------ inference
 
     def find_images(self, inputs: list[str | Path]) -> tuple[list, list[Problem]]:
