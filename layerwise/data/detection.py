@@ -25,7 +25,7 @@ import numpy as np
 import yaml
 from PIL import Image, UnidentifiedImageError
 
-from layerwise.data.sources import IMAGE_EXTENSIONS, Problem
+from layerwise.data.sources import IMAGE_EXTENSIONS, Problem, problems_note
 from layerwise.errors import InputError
 
 COCO_FILE = "annotations.json"
@@ -105,7 +105,8 @@ def read_detection(data: Path) -> DetectionSource:
             f"or {YOLO_IMAGES}/ and {YOLO_LABELS}/ folders with data.yaml or {YOLO_CLASSES_FILE} (YOLO)"
         )
     if not source.images:
-        raise InputError(f"{data}: nothing usable: no image could be read{_first_problems(source.problems)}")
+        note = problems_note(source.problems, shown=3)
+        raise InputError(f"{data}: nothing usable: no image could be read" + (f" ({note})" if note else ""))
     return source
 
 
@@ -119,18 +120,6 @@ def _coco_file(root: Path) -> Path | None:
             f"{root}: several COCO files ({names}); keep one per folder, or name the one to use {COCO_FILE}"
         )
     return found[0] if found else None
-
-
-def _first_problems(problems: list[Problem], shown: int = 3) -> str:
-    if not problems:
-        return ""
-    listed = "; ".join(f"{p.origin}: {p.reason}" for p in problems[:shown])
-    more = f" (and {len(problems) - shown} more)" if len(problems) > shown else ""
-    return f" ({len(problems)} problems: {listed}{more})"
-
-
-# ---------------------------------------------------------------------------------------------
-# Shared: image headers and box clipping.
 
 
 def image_size(path: Path) -> tuple[int, int]:

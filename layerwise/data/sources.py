@@ -42,6 +42,15 @@ class Problem:
         return {"path": self.origin, "reason": self.reason}
 
 
+def problems_note(problems: list[Problem], shown: int = 5) -> str:
+    """ "3 skipped: a.png (reason), b.png (reason) and 1 more" for an error message; "" when there are none."""
+    if not problems:
+        return ""
+    named = ", ".join(f"{p.origin} ({p.reason})" for p in problems[:shown])
+    more = f" and {len(problems) - shown} more" if len(problems) > shown else ""
+    return f"{len(problems)} skipped: {named}{more}"
+
+
 @dataclass(frozen=True)
 class Source:
     """What was found under DATA: usable-looking examples, skipped items and the modality."""

@@ -23,7 +23,7 @@ from torch import nn
 
 from layerwise.data.batches import TensorBatches
 from layerwise.data.frontend import FrontEnd, fit_frontend, frontend_from_json
-from layerwise.data.sources import Example, Problem, Source, check_trainable, discover, discover_files
+from layerwise.data.sources import Example, Problem, Source, check_trainable, discover, discover_files, problems_note
 from layerwise.errors import InputError
 from layerwise.models.registry import model_entry
 from layerwise.runtime import predict_embeddings, predict_logits
@@ -528,7 +528,8 @@ class ClassifyTask(CrossEntropyObjective):
                 embedded["labels"], seed=seed,
             )  # fmt: skip
         except InputError as err:
-            raise InputError(f"{err}{skipped_note(embedded['problems'])}") from None
+            note = problems_note(embedded["problems"])
+            raise InputError(f"{err}; {note}" if note else str(err)) from None
         return result, embedded["problems"]
 
     def require_reference(self) -> None:
@@ -624,15 +625,6 @@ class ClassifyTask(CrossEntropyObjective):
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def skipped_note(problems: list[Problem], shown: int = 5) -> str:
-    """ "; skipped: A (reason), B (reason) and 3 more" for an error message, or "" when nothing was skipped."""
-    if not problems:
-        return ""
-    named = ", ".join(f"{p.origin} ({p.reason})" for p in problems[:shown])
-    more = f" and {len(problems) - shown} more" if len(problems) > shown else ""
-    return f"; skipped {len(problems)}: {named}{more}"
 
 
 def looks_like_path(item: str) -> bool:
