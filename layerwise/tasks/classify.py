@@ -230,15 +230,16 @@ class ClassifyTask(CrossEntropyObjective):
     # ------------------------------------------------------------------ after training
 
     def final_metrics(self, network: nn.Module, prepared: Prepared) -> dict[str, float]:
-        logits, labels = predict_logits(network, prepared.val_batches)
+        embeddings, logits, labels = predict_embeddings(network, prepared.val_batches)
         prepared.extras["val_logits"] = logits
+        prepared.extras["val_embeddings"] = embeddings  # calibrate() reuses this pass
         return classification_metrics(logits, labels, len(self.class_names))
 
     def calibrate(self, network: nn.Module, prepared: Prepared, log=print) -> None:
         """Fit temperature scaling and the shift reference (drift sample, OOD score, accuracy estimate) on the
         validation split; the corruption suite run for the accuracy estimate is also the report's robustness table."""
         extras = prepared.extras
-        embeddings, logits, labels = predict_embeddings(network, prepared.val_batches)
+        embeddings, logits, labels = extras["val_embeddings"], extras["val_logits"], extras["val_labels"]
         if len(labels) < MIN_REFERENCE:
             log(f"note: {len(labels)} validation examples are too few to calibrate confidences and shift detection "
                 f"(at least {MIN_REFERENCE}); confidences are uncalibrated and `layerwise shift` will need "
@@ -492,15 +493,16 @@ class ClassifyTask(CrossEntropyObjective):
         return unlabelled.examples, None, unlabelled.problems
 
     def embed_data(self, network: nn.Module, data: str | Path) -> dict:
-        """Decode `data` and run the network once: embeddings, logits, labels (or None), raw inputs, problems."""
+        """Decode `data` and run the network once: embeddings, logits, labels (or None), cached inputs, problems."""
         examples, labels, problems = self.read_new_data(data)
         raw, kept, decode_problems = self.frontend.decode_raw(examples)
         problems = problems + decode_problems
         if not kept:
             raise InputError(f"{data}: no decodable {self.modality} input")
-        embeddings, logits = self.embeddings_and_logits(network, self.frontend.encode_raw(raw))
+        inputs = self.frontend.encode_raw(raw)
+        embeddings, logits = self.embeddings_and_logits(network, inputs)
         return {
-            "embeddings": embeddings, "logits": logits, "raw": raw, "examples": [examples[i] for i in kept],
+            "embeddings": embeddings, "logits": logits, "inputs": inputs, "examples": [examples[i] for i in kept],
             "labels": None if labels is None else torch.tensor([labels[i] for i in kept]), "problems": problems,
         }  # fmt: skip
 
@@ -571,7 +573,7 @@ class ClassifyTask(CrossEntropyObjective):
         from layerwise.shift.adapt import adapt
 
         embedded = self.embed_data(network, data)
-        inputs = self.frontend.encode_raw(embedded["raw"])
+        inputs = embedded["inputs"]
         labels = embedded["labels"]
         before = None if labels is None else float((embedded["logits"].argmax(1) == labels).float().mean())
         shuffled = TensorBatches(inputs, torch.zeros(len(inputs), dtype=torch.int64), ADAPT_BATCH,
