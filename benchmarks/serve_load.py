@@ -1,36 +1,52 @@
 """How much load does `layerwise serve` take, and what does micro-batching buy?
 
 Trains (once, cached under .cache/bench) a convnet_s on 3 Fashion-MNIST classes, starts `layerwise
-serve` as a separate process on 127.0.0.1, and runs N concurrent clients (threads with httpx, one
-28x28 PNG per request) for a bounded time against it: requests/s, p50/p99 latency, errors (must be
-0), and the server's RSS before and after (no growth). Then the same with micro-batching off
-(--max-batch 1), and prints the ratio. Finally ONNX Runtime vs PyTorch inference throughput on the
-same network (batch 1 and 32) as a ratio. Only loopback traffic; every loop is bounded in time.
+serve` as a separate process on 127.0.0.1, and drives it with `wrk` (a C load generator, Debian's
+`wrk`, installed by scripts/setup.sh): N concurrent connections, each posting one 28x28 PNG as
+multipart/form-data and waiting for the answer, for a bounded time. Python client threads were used
+before; on 2 cores they spent more CPU than the server and measured themselves. Reports requests/s,
+p50/p99 latency, errors (must be 0), and the server's RSS (all its processes) after a warm-up load
+and after the measured load (no growth). Then the same with micro-batching off (--max-batch 1), and
+prints the ratio. Finally ONNX Runtime vs PyTorch inference throughput on the same network (batch 1
+and 32). Only loopback traffic; every loop is bounded in time.
 
-    .venv/bin/python benchmarks/serve_load.py [--clients 32] [--seconds 10]
+    .venv/bin/python benchmarks/serve_load.py [--clients 32] [--seconds 10] [--workers 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import torch
 
 from layerwise.data.datasets import prepare_fashion_mnist
 from layerwise.demo import default_cache
 
 BENCH_DIR = Path(".cache/bench")
+BOUNDARY = "layerwise-bench-boundary"
+# wrk's Lua hooks: post the prepared body; at the end print one JSON line with the counts and percentiles.
+WRK_SCRIPT = """
+local f = io.open(os.getenv("BODY_FILE"), "rb")
+wrk.body = f:read("*all")
+f:close()
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "multipart/form-data; boundary=BOUNDARY"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('{"requests": %d, "seconds": %f, "errors": %d, "p50_us": %d, "p99_us": %d}\\n',
+    summary.requests, summary.duration / 1e6, e.connect + e.read + e.write + e.status + e.timeout,
+    latency:percentile(50), latency:percentile(99)))
+end
+""".replace("BOUNDARY", BOUNDARY)
 
 
 def trained_run() -> tuple[Path, Path]:
@@ -49,23 +65,55 @@ def trained_run() -> tuple[Path, Path]:
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """The resident memory of a process and its children (uvicorn's workers), in MB."""
+    total = 0.0
+    for proc in [pid, *children(pid)]:
+        try:
+            lines = Path(f"/proc/{proc}/status").read_text().splitlines()
+        except OSError:
+            continue
+        total += sum(int(line.split()[1]) / 1024 for line in lines if line.startswith("VmRSS:"))
+    return total
 
 
-def load(run: Path, image: Path, clients: int, seconds: float, max_batch: int) -> dict:
+def children(pid: int) -> list[int]:
+    try:
+        direct = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+    return direct + [g for c in direct for g in children(c)]
+
+
+def multipart_body(image: Path) -> bytes:
+    head = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="{image.name}"\r\n'
+    head += "Content-Type: image/png\r\n\r\n"
+    return head.encode() + image.read_bytes() + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+def wrk(url: str, folder: Path, clients: int, seconds: float) -> dict:
+    result = subprocess.run(
+        ["wrk", f"-t{min(2, clients)}", f"-c{clients}", f"-d{round(seconds)}s", "--timeout", "10s",
+         "-s", str(folder / "post.lua"), f"{url}/predict"],
+        capture_output=True, text=True, timeout=seconds + 60, env={"BODY_FILE": str(folder / "body.bin")},
+    )  # fmt: skip
+    line = next((line for line in result.stdout.splitlines() if line.startswith("{")), None)
+    if result.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed: {result.stdout}{result.stderr}")
+    return json.loads(line)
+
+
+def load(run: Path, image: Path, clients: int, seconds: float, max_batch: int, workers: int) -> dict:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = subprocess.Popen(
-        [sys.executable, "-m", "layerwise", "serve", str(run), "--port", str(port), "--max-batch", str(max_batch)],
+        [sys.executable, "-m", "layerwise", "serve", str(run), "--port", str(port), "--max-batch", str(max_batch),
+         "--workers", str(workers)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while True:
             try:
                 if httpx.get(f"{url}/health", timeout=1).status_code == 200:
@@ -75,40 +123,18 @@ def load(run: Path, image: Path, clients: int, seconds: float, max_batch: int) -
             if time.monotonic() > deadline:
                 raise RuntimeError("the server did not start")
             time.sleep(0.2)
-        body = image.read_bytes()
-        files = [("files", (image.name, body, "image/png"))]
-        for _ in range(20):  # warm-up
-            httpx.post(f"{url}/predict", files=files, timeout=30)
-        rss_before = rss_mb(server.pid)
-        latencies: list[float] = []
-        errors = [0]
-        lock = threading.Lock()
-        stop_at = time.monotonic() + seconds
-
-        def client() -> None:
-            with httpx.Client(timeout=30) as session:
-                while time.monotonic() < stop_at:
-                    started = time.perf_counter()
-                    try:
-                        ok = session.post(f"{url}/predict", files=files).status_code == 200
-                    except httpx.HTTPError:
-                        ok = False
-                    with lock:
-                        latencies.append(time.perf_counter() - started)
-                        errors[0] += 0 if ok else 1
-
-        threads = [threading.Thread(target=client) for _ in range(clients)]
-        started = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        wall = time.perf_counter() - started
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            (folder / "body.bin").write_bytes(multipart_body(image))
+            (folder / "post.lua").write_text(WRK_SCRIPT)
+            wrk(url, folder, clients, 3)  # warm-up: every worker has loaded, allocated and batched
+            rss_before = rss_mb(server.pid)
+            measured = wrk(url, folder, clients, seconds)
         return {
-            "rps": len(latencies) / wall,
-            "p50_ms": 1000 * statistics.median(latencies),
-            "p99_ms": 1000 * float(np.percentile(latencies, 99)),
-            "errors": errors[0],
+            "rps": measured["requests"] / measured["seconds"],
+            "p50_ms": measured["p50_us"] / 1000,
+            "p99_ms": measured["p99_us"] / 1000,
+            "errors": measured["errors"],
             "rss_before": rss_before,
             "rss_after": rss_mb(server.pid),
         }
@@ -150,16 +176,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--workers", type=int, default=2, help="server processes (one per core on 2 cores)")
     args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("serve_load needs wrk (Debian package `wrk`; scripts/setup.sh installs it)")
     run, image = trained_run()
+    print(f"{args.clients} connections for {args.seconds:g} s, `layerwise serve --workers {args.workers}`, "
+          f"{torch.get_num_threads()} cores")  # fmt: skip
     results = {}
     for label, max_batch in (("micro-batching", 32), ("no batching", 1)):
-        r = load(run, image, args.clients, args.seconds, max_batch)
+        r = load(run, image, args.clients, args.seconds, max_batch, args.workers)
         results[label] = r
         print(f"{label:>15}: {r['rps']:,.0f} requests/s, p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
               f"{r['errors']} errors, server RSS {r['rss_before']:.0f} -> {r['rss_after']:.0f} MB")  # fmt: skip
     ratio = results["micro-batching"]["rps"] / results["no batching"]["rps"]
-    print(f"micro-batching on/off throughput ratio: {ratio:.2f} ({args.clients} clients, {args.seconds:g} s each)")
+    print(f"micro-batching on/off throughput ratio: {ratio:.2f}")
     onnx_vs_torch(run)
 
 

@@ -539,12 +539,15 @@ def serve_command(
         Path | None, typer.Option("--api-key-file", help="A file holding the key every request but /health must send.")
     ] = None,
     workers: Annotated[int, typer.Option(min=1, help="Server processes (each loads the model once).")] = 1,
+    threads: Annotated[
+        int | None, typer.Option(help="PyTorch threads per process (default: the cores left after each event loop).")
+    ] = None,
 ) -> None:
     """Serve a run over HTTP: POST /predict, POST /generate, GET /model, GET /health, docs at /docs."""
     import uvicorn
 
     from layerwise.bundle import load
-    from layerwise.serve.app import ServeConfig, create_app
+    from layerwise.serve.app import ServeConfig, create_app, inference_threads
 
     api_key = None
     if api_key_file is not None:
@@ -554,7 +557,10 @@ def serve_command(
             raise InputError(f"--api-key-file {api_key_file}: cannot read it ({err.strerror})") from err
         if not api_key:
             raise InputError(f"--api-key-file {api_key_file}: empty")
-    config = ServeConfig(max_batch, max_wait_ms, int(max_body_mb * (1 << 20)), max_inputs, timeout, api_key)
+    config = ServeConfig(
+        max_batch, max_wait_ms, int(max_body_mb * (1 << 20)), max_inputs, timeout, api_key,
+        threads or inference_threads(workers),
+    )  # fmt: skip
     bundle = load(run)  # fails here, with a clear message, before any worker starts
     if workers == 1:
         uvicorn.run(create_app(bundle, config, run), host=host, port=port, log_level="warning")

@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(dataset-fashion-mnist espeak-ng fortunes fortunes-min chromium)
+APT_PACKAGES=(dataset-fashion-mnist espeak-ng fortunes fortunes-min chromium theseus-examples promod3-data wrk)
 TORCH=(torch==2.14.1 torchvision==0.29.1)  # served from the local wheel cache on our machines
 
 missing=()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import os
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -18,9 +19,10 @@ from pathlib import Path
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from layerwise import __version__
-from layerwise.data.sources import Example
+from layerwise.data.sources import Example, Problem
 from layerwise.errors import InputError
 
 
@@ -32,10 +34,22 @@ class ServeConfig:
     max_inputs: int = 64  # files or texts in one request
     timeout_s: float = 30.0  # per request
     api_key: str | None = None
+    threads: int = 1  # PyTorch threads per server process (see inference_threads)
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_wait_ms < 0 or self.max_inputs < 1 or self.timeout_s <= 0:
             raise InputError("serve: --max-batch, --max-inputs and --timeout must be positive, --max-wait-ms >= 0")
+        if self.threads < 1:
+            raise InputError("serve: --threads must be at least 1")
+
+
+def inference_threads(workers: int) -> int:
+    """PyTorch threads per worker: the cores left after each worker's event loop has one.
+
+    The event loop parses HTTP on a core of its own; PyTorch threads beyond the remaining cores spin in
+    OpenMP barriers against it, which made a 2-core server 20x slower per batch (benchmarks/serve_load.py).
+    """
+    return max(1, (os.cpu_count() or 1) // workers - 1)
 
 
 class HTTPError(Exception):
@@ -45,16 +59,21 @@ class HTTPError(Exception):
 
 
 class MicroBatcher:
-    """Collects decoded inputs from concurrent requests and runs them through the network in batches."""
+    """Collects inputs from concurrent requests and decodes and predicts them together in one worker thread.
+
+    Decoding happens in the batch thread too, so a request costs the event loop only its HTTP parsing:
+    one thread hop per batch instead of two per request (measured in benchmarks/serve_load.py).
+    """
 
     def __init__(self, bundle, config: ServeConfig) -> None:
         self.bundle, self.config = bundle, config
         self.queue: asyncio.Queue = asyncio.Queue()
         self.worker: asyncio.Task | None = None
 
-    async def predict(self, tensors: torch.Tensor, origins: list[str], k: int) -> list[dict]:
+    async def predict(self, examples: list[Example], k: int) -> list:
+        """A `Prediction` or a `Problem` per example, in order."""
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put((tensors, origins, k, future))
+        await self.queue.put((examples, k, future))
         if self.worker is None or self.worker.done():
             self.worker = asyncio.create_task(self.run())
         return await future
@@ -65,34 +84,37 @@ class MicroBatcher:
             items, size = [first], len(first[0])
             deadline = time.perf_counter() + self.config.max_wait_ms / 1000
             while size < self.config.max_batch:
-                left = deadline - time.perf_counter()
-                if left <= 0:
-                    break
-                try:
-                    item = await asyncio.wait_for(self.queue.get(), left)
-                except TimeoutError:
-                    break
+                if self.queue.empty():
+                    left = deadline - time.perf_counter()
+                    if left <= 0:
+                        break
+                    try:
+                        item = await asyncio.wait_for(self.queue.get(), left)
+                    except TimeoutError:
+                        break
+                else:
+                    item = self.queue.get_nowait()
                 items.append(item)
                 size += len(item[0])
             await asyncio.to_thread(self.run_batch, items)
 
     def run_batch(self, items: list) -> None:
-        task = self.bundle.task
-        origins = [origin for _, item_origins, _, _ in items for origin in item_origins]
+        task, network = self.bundle.task, self.bundle.network
+        examples = [example for item_examples, _, _ in items for example in item_examples]
         try:
-            # One forward pass for every waiting request; the task calibrates and adds the OOD flag.
-            k = max(item_k for *_, item_k, _ in items)
-            predictions = task.decode(self.bundle.network, torch.cat([tensors for tensors, *_ in items]), origins, k)
+            # One decode and one forward pass for every waiting request; the task calibrates and adds the OOD flag.
+            k = max(item_k for _, item_k, _ in items)
+            results = list(task.predict_stream(network, examples, k))
         except Exception as err:  # noqa: BLE001 - every waiting request gets the error, the server goes on
             for *_, future in items:
                 future.get_loop().call_soon_threadsafe(_fail, future, err)
             return
         start = 0
-        for tensors, _, k, future in items:
-            part = predictions[start : start + len(tensors)]
-            start += len(tensors)
-            result = [replace(p, top_k=p.top_k[:k]).to_json() for p in part]
-            future.get_loop().call_soon_threadsafe(_resolve, future, result)
+        for item_examples, k, future in items:
+            part = results[start : start + len(item_examples)]
+            start += len(item_examples)
+            part = [replace(r, top_k=r.top_k[:k]) if hasattr(r, "top_k") else r for r in part]
+            future.get_loop().call_soon_threadsafe(_resolve, future, part)
 
 
 def _resolve(future: asyncio.Future, value) -> None:
@@ -106,29 +128,22 @@ def _fail(future: asyncio.Future, err: Exception) -> None:
 
 
 def create_app(bundle, config: ServeConfig, run_dir: Path) -> FastAPI:
+    torch.set_num_threads(config.threads)
     app = FastAPI(title=f"layerwise: {bundle.config['model']['name']} ({bundle.task.name})", version=__version__)
     batcher = MicroBatcher(bundle, config)
     uploads = tempfile.TemporaryDirectory(prefix="layerwise-serve-")
     metrics_file = run_dir / "metrics.json"
     metrics = json.loads(metrics_file.read_text()).get("metrics", {}) if metrics_file.is_file() else {}
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if request.url.path != "/health" and config.api_key is not None:
-            given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
-            if not hmac.compare_digest(given.encode(), config.api_key.encode()):
-                return error(401, "missing or wrong API key (send it as X-API-Key or Authorization: Bearer)")
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
-            return error(413, f"request body of {int(length):,} bytes exceeds the limit of {config.max_body_bytes:,}")
-        try:
-            return await asyncio.wait_for(call_next(request), config.timeout_s)
-        except TimeoutError:
-            return error(504, f"the request took longer than {config.timeout_s:g} s")
+    app.add_middleware(Guard, config=config)
 
     @app.exception_handler(HTTPError)
     async def http_error(_request: Request, err: HTTPError):
         return error(err.status, err.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def starlette_error(_request: Request, err: StarletteHTTPException):  # e.g. malformed multipart
+        return error(err.status_code, str(err.detail))
 
     @app.get("/health")
     async def health() -> dict:
@@ -153,23 +168,20 @@ def create_app(bundle, config: ServeConfig, run_dir: Path) -> FastAPI:
         if hasattr(bundle.task, "detect"):  # boxes: one pass per request (images differ in size)
             return await detect_uploads(examples, names)
         try:
-            tensors, kept, problems = await asyncio.to_thread(bundle.frontend.decode_all, examples)
+            results = await batcher.predict(examples, k)
         finally:
             for example in examples:
                 if example.path is not None:
                     example.path.unlink(missing_ok=True)
-        reasons = {problem.origin: problem.reason for problem in problems}
-        if not kept:
-            raise HTTPError(422, "; ".join(f"{names[e.origin]}: {reasons[e.origin]}" for e in examples))
-        predicted = await batcher.predict(tensors, [examples[i].origin for i in kept], k)
-        by_origin = {p["path"]: p for p in predicted}
-        results = []
-        for example in examples:
-            if example.origin in by_origin:
-                results.append(by_origin[example.origin] | {"path": names[example.origin]})
-            else:
-                results.append({"path": names[example.origin], "error": reasons[example.origin]})
-        return {"predictions": results}
+        if all(isinstance(result, Problem) for result in results):
+            raise HTTPError(422, "; ".join(f"{names[r.origin]}: {r.reason}" for r in results))
+        # A JSONResponse built here skips FastAPI's generic encoder: these are plain dicts already.
+        return JSONResponse({"predictions": [
+            {"path": names[result.origin], "error": result.reason}
+            if isinstance(result, Problem)
+            else result.to_json() | {"path": names[result.path]}
+            for result in results
+        ]})  # fmt: skip
 
     async def detect_uploads(examples: list, names: dict[str, str]) -> dict:
         try:
@@ -221,13 +233,47 @@ SETTINGS_ENV = "LAYERWISE_SERVE"  # how `--workers N` hands the run and settings
 
 def app_from_env() -> FastAPI:
     """The app of one uvicorn worker process (`layerwise serve --workers N`), from SETTINGS_ENV."""
-    import os
-
     from layerwise.bundle import load
 
     settings = json.loads(os.environ[SETTINGS_ENV])
     run = Path(settings.pop("run"))
     return create_app(load(run), ServeConfig(**settings), run)
+
+
+class Guard:
+    """API key, body-size limit and per-request timeout, as plain ASGI middleware.
+
+    Not `@app.middleware("http")`: Starlette's BaseHTTPMiddleware wraps every request in extra tasks and
+    streams, which cost more than the network's forward pass for small images.
+    """
+
+    def __init__(self, app, config: ServeConfig) -> None:
+        self.app, self.config = app, config
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {key.decode("latin-1"): value.decode("latin-1") for key, value in scope["headers"]}
+        refusal = self.refusal(scope["path"], headers)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        try:
+            await asyncio.wait_for(self.app(scope, receive, send), self.config.timeout_s)
+        except TimeoutError:
+            await error(504, f"the request took longer than {self.config.timeout_s:g} s")(scope, receive, send)
+
+    def refusal(self, path: str, headers: dict[str, str]) -> JSONResponse | None:
+        config = self.config
+        if path != "/health" and config.api_key is not None:
+            given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ")
+            if not hmac.compare_digest(given.encode(), config.api_key.encode()):
+                return error(401, "missing or wrong API key (send it as X-API-Key or Authorization: Bearer)")
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
+            return error(413, f"request body of {int(length):,} bytes exceeds the limit of {config.max_body_bytes:,}")
+        return None
 
 
 def error(status: int, message: str) -> JSONResponse:
