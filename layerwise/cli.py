@@ -153,7 +153,7 @@ def evaluate_command(
     data: Annotated[Path, typer.Argument(help="Labelled data: a class-folder tree or CSV manifest.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Metrics of a trained run on labelled data."""
+    """Metrics of a trained run on labelled data (for fold runs: structure files, with both baselines)."""
     from layerwise.bundle import load
 
     metrics, problems = load(run).evaluate(data)
@@ -205,6 +205,33 @@ def detect_command(
 
         written = write_detection_pictures(detections, out)
         err_console.print(f"wrote {len(written)} picture(s) to {out}", highlight=False)
+    if problems:
+        raise typer.Exit(2)
+
+
+@app.command("fold")
+@exits_cleanly
+def fold_command(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `layerwise train --task fold`.")],
+    inputs: Annotated[list[str], typer.Argument(help="Amino-acid sequences, or FASTA files (one chain per record).")],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="A folder for NAME.pdb (Cα, pLDDT as B-factor) and NAME.png (distance map)."),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help='One JSON object per chain: {"name", "sequence", "plddt_mean", "pdb"}.')
+    ] = False,
+) -> None:
+    """Fold sequences into Cα structures with a per-residue confidence (pLDDT)."""
+    from layerwise.bundle import load
+
+    bundle = load(run)
+    bundle.require("fold")
+    results, problems = bundle.task.fold(bundle.network, inputs, out)
+    for problem in problems:
+        print_result(problem, as_json)
+    for result in results:
+        print(json.dumps(result.to_json()) if as_json else result.to_line(), flush=True)
     if problems:
         raise typer.Exit(2)
 

@@ -14,7 +14,7 @@ from layerwise.errors import InputError
 class ModelEntry:
     name: str
     build: Callable[..., nn.Module]
-    modalities: tuple[str, ...]  # which inputs it suits: "image", "audio" (spectrograms), "text"
+    modalities: tuple[str, ...]  # which inputs it suits: "image", "audio" (spectrograms), "text", "protein"
     tasks: tuple[str, ...] = ("classify",)  # which task heads it carries
 
 
@@ -54,4 +54,4 @@ def create_model(name: str, **config) -> nn.Module:
 
 def _load_builtin_models() -> None:
     # Imported here, not at module import, so the registry has no import-time side effects elsewhere.
-    from layerwise.models import convnet, detector, gpt, resnet, transformer  # noqa: F401
+    from layerwise.models import convnet, detector, folder, gpt, resnet, transformer  # noqa: F401

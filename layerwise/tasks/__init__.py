@@ -11,10 +11,12 @@ from pathlib import Path
 from layerwise.errors import InputError
 from layerwise.tasks.classify import ClassifyTask
 from layerwise.tasks.detect import DetectTask
+from layerwise.tasks.fold import FoldTask
 from layerwise.tasks.generate import GenerateTask
 
-# Tried in this order by detect_task: a detection folder (images + annotations) before a text corpus.
-TASKS: dict[str, type] = {"classify": ClassifyTask, "detect": DetectTask, "generate": GenerateTask}
+# Tried in this order by detect_task: a detection folder (images + annotations) and a folder of protein
+# structures before a text corpus.
+TASKS: dict[str, type] = {"classify": ClassifyTask, "detect": DetectTask, "fold": FoldTask, "generate": GenerateTask}
 
 
 def task_class(name: str) -> type:

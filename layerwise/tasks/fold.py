@@ -1,0 +1,481 @@
+"""Fold: amino-acid sequence in, Cα coordinates with a per-residue confidence (pLDDT) out.
+
+Targets are protein chains read from PDB/mmCIF files (data/structures.py, gemmi); the split holds out
+chains by sequence identity (data/similarity.py), so validation measures folding proteins unlike the
+training ones; the network is models/folder.py; the monitor is lDDT-Cα; the honest baselines are an
+ideal α-helix and a nearest-sequence template (tasks/fold_baselines.py). The template library (the
+training chains) is stored in the run, so `evaluate` scores the baselines on any held-out data too.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load as load_arrays
+from safetensors.numpy import save as save_arrays
+from torch import nn
+
+from layerwise.data.crops import ChainBatches, sequence_batch
+from layerwise.data.sources import Problem
+from layerwise.data.structures import STRUCTURE_EXTENSIONS, ProteinChain
+from layerwise.errors import InputError
+from layerwise.models.registry import model_entry
+from layerwise.runtime import model_device
+from layerwise.tasks.base import FitOptions, Prepared, RunMismatch, fingerprint, result_rows
+
+DEFAULT_MODEL = "fold_s"
+TRAIN_CROP = 128  # residues per training window (AlphaFold crops too: memory grows with L^2, time with L^3)
+EVAL_CROP = 128  # the per-epoch validation scores each chain's first 128 residues, the same window every epoch
+EVAL_CHAINS = 96  # validation chains scored every epoch (all of them, whole, at the end): an epoch's check
+# of 300 chains at 256 residues took as long as 250 training steps on 2 cores
+MAX_LENGTH = 1000  # the longest sequence `fold` accepts: the pair representation is L x L
+BATCH = 8
+EVAL_BATCH = 8
+DEFAULT_LR = 1e-3
+MAX_IDENTITY = 0.3  # no validation chain shares more than 30% identity with a training chain
+TEMPLATES_FILE = "templates.safetensors"
+METRIC_KEYS = ("lddt_ca", "rmsd", "gdt_ts", "tm_score")
+REPORT_CHAINS = 6
+
+
+@dataclass(frozen=True)
+class FoldResult:
+    name: str
+    sequence: str
+    coords: np.ndarray  # (L, 3) Å
+    plddt: np.ndarray  # (L,) 0-100
+    pdb: str = ""  # the file written by `fold --out`, if any
+
+    @property
+    def plddt_mean(self) -> float:
+        return float(self.plddt.mean())
+
+    @property
+    def path(self) -> str:  # what batch prediction and serve echo back
+        return self.name
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "sequence": self.sequence, "plddt_mean": round(self.plddt_mean, 2), "pdb": self.pdb}
+
+    def to_line(self) -> str:
+        where = f"\t{self.pdb}" if self.pdb else ""
+        return f"{self.name}\t{len(self.sequence)} residues\tpLDDT {self.plddt_mean:.1f}{where}"
+
+
+class FoldTask:
+    """A fitted fold task: crop sizes, the split rule, and the training chains as templates for the baseline."""
+
+    name = "fold"
+    modality = "protein"
+    monitor = "lddt_ca"
+    higher_is_better = True
+    commands = frozenset({"fold", "predict", "evaluate"})
+
+    def __init__(self, crop: int = TRAIN_CROP, templates: list[ProteinChain] | None = None) -> None:
+        self.crop = crop
+        self.templates = templates or []
+
+    @classmethod
+    def claims(cls, data: Path) -> bool:
+        return looks_like_structures(Path(data))
+
+    def to_json(self) -> dict:
+        return {"modality": "protein", "preprocessing": {"modality": "protein", "crop": self.crop}}
+
+    @classmethod
+    def from_config(cls, config: dict) -> FoldTask:
+        return cls(int(config["preprocessing"]["crop"]))
+
+    def run_files(self) -> dict[str, bytes]:
+        return {TEMPLATES_FILE: templates_to_bytes(self.templates)} if self.templates else {}
+
+    def load_run_files(self, run_dir: Path) -> None:
+        if (run_dir / TEMPLATES_FILE).is_file():
+            self.templates = templates_from_bytes((run_dir / TEMPLATES_FILE).read_bytes())
+
+    # ------------------------------------------------------------------ training
+
+    def loss(self, model: nn.Module, inputs: tuple, targets: tuple) -> tuple[torch.Tensor, dict]:
+        from layerwise.models.folder import fold_loss
+
+        tokens, residue_mask = inputs
+        coords, coord_mask = targets
+        return fold_loss(model(tokens, residue_mask), coords, coord_mask, residue_mask)
+
+    def evaluate(self, model: nn.Module, batches) -> dict[str, float]:
+        """Validation loss, lDDT-Cα and RMSD (the cheap metrics; GDT-TS and TM-score come at the end)."""
+        from layerwise.models.folder import fold_loss
+        from layerwise.tasks.structure_metrics import lddt_ca, rmsd
+
+        was_training = model.training
+        model.eval()
+        losses, lddts, rmsds = [], [], []
+        device = model_device(model)
+        with torch.no_grad():
+            for (tokens, residue_mask), (coords, coord_mask) in batches.epoch(0):
+                tokens, residue_mask = tokens.to(device), residue_mask.to(device)
+                coords, coord_mask = coords.to(device), coord_mask.to(device)
+                outputs = model(tokens, residue_mask)
+                losses.append(float(fold_loss(outputs, coords, coord_mask, residue_mask)[0]))
+                known = coord_mask & residue_mask
+                lddts += lddt_ca(outputs["coords"].float(), coords, known).tolist()
+                rmsds += rmsd(outputs["coords"].float(), coords, known).tolist()
+        model.train(was_training)
+        return {"loss": float(np.mean(losses)), "lddt_ca": float(np.mean(lddts)), "rmsd": float(np.mean(rmsds))}
+
+    @classmethod
+    def prepare(cls, data: Path, options: FitOptions, saved: dict | None = None, donor=None, log=print) -> Prepared:
+        from layerwise.data.similarity import split_by_similarity
+        from layerwise.data.structures import read_structures
+
+        started = time.perf_counter()
+        chains, problems, counts = read_structures(Path(data))
+        log(
+            f"{data}: {counts['chains']} protein chains from {counts['files']} files "
+            f"({', '.join(f'{v} {k}' for k, v in counts.items() if k not in ('files', 'chains') and v)})"
+        )
+        if len(chains) < 2:
+            raise InputError(
+                f"{data}: {len(chains)} usable protein chain(s); at least 2 are needed to hold one out"
+                + "".join(f"\n  {p.origin}: {p.reason}" for p in problems[:10])
+            )
+        train_index, val_index, split = split_by_similarity(
+            [c.sequence for c in chains], options.val_fraction, options.seed, MAX_IDENTITY
+        )
+        if not train_index or not val_index:
+            raise InputError(
+                f"{data}: every chain is within {MAX_IDENTITY:.0%} identity of the others, so none can be held out "
+                "without leaking; add proteins of other families"
+            )
+        train, val = [chains[i] for i in train_index], [chains[i] for i in val_index]
+        log(f"split: {len(train)} training, {len(val)} validation chains; {split['rule']}")
+        root = Path(data)
+        data_summary = {
+            "source": str(root), "format": "structures", "n_train": len(train), "n_val": len(val),
+            "n_skipped": len(problems), "val_fraction": options.val_fraction, "counts": counts, "split": split,
+            "fingerprint": fingerprint([f"train {c.name} {c.sequence}" for c in train]
+                                       + [f"val {c.name} {c.sequence}" for c in val]),
+        }  # fmt: skip
+        if saved is not None and saved["data"].get("fingerprint") not in (None, data_summary["fingerprint"]):
+            raise RunMismatch(f"--resume: the structures under {root} differ from the ones the run started on")
+        model_name = options.model or DEFAULT_MODEL
+        if "fold" not in model_entry(model_name).tasks:
+            raise InputError(f"--model {model_name} does not fold proteins (folding models: fold_xs, fold_s)")
+        crop = int(saved["preprocessing"]["crop"]) if saved else TRAIN_CROP
+        batch = options.batch_size or BATCH
+        return Prepared(
+            task=cls(crop, templates=train),
+            train_batches=ChainBatches(train, batch, crop, shuffle=True, seed=options.seed),
+            val_batches=ChainBatches(sorted(val[:EVAL_CHAINS], key=lambda c: len(c.sequence)), EVAL_BATCH, EVAL_CROP),
+            model_name=model_name,
+            model_config={},
+            data_summary=data_summary,
+            problems=problems,
+            batch_size=batch,
+            lr=DEFAULT_LR,
+            extras={
+                "train": train,
+                "val": val,
+                "decode_seconds": time.perf_counter() - started,
+                "split": f"validation: {split['rule']}; {len(val)} chains (also used for early stopping)",
+            },  # fmt: skip
+        )
+
+    # ------------------------------------------------------------------ after training
+
+    def final_metrics(self, network: nn.Module, prepared: Prepared) -> dict:
+        val = prepared.extras["val"]
+        results = self.fold_chains(network, val)
+        scored = score_chains(val, [r.coords for r in results], [r.plddt for r in results])
+        prepared.extras["val_scores"] = scored
+        prepared.extras["val_results"] = results
+        return summarise(scored)
+
+    def baseline(self, prepared: Prepared, seed: int) -> dict:
+        return baseline_scores(self.templates, prepared.extras["val"])
+
+    def verdict(self, metrics: dict, baseline: dict) -> str:
+        from layerwise.baseline import verdict
+
+        best = max(("template", "helix"), key=lambda name: baseline[name]["lddt_ca"])
+        return (
+            verdict(metrics["lddt_ca"], baseline[best]["lddt_ca"], metric="lDDT-Cα ", show=lambda v: f"{v:.3f}")
+            + f" (the best baseline here is the {BASELINE_NAMES[best]})"
+        )
+
+    def summary_rows(self, summary: dict) -> list[tuple[str, str]]:
+        show = lambda v: f"lDDT-Cα {v:.3f}"  # noqa: E731
+        rows = result_rows({**summary, "baseline": {}}, "lddt_ca", show)
+        for name in ("template", "helix"):
+            if summary["baseline"].get(name):
+                rows.append((f"baseline: {BASELINE_NAMES[name]}", show(summary["baseline"][name]["lddt_ca"])))
+        return rows
+
+    def write_report(self, run_dir: Path, bundle, summary: dict, result, prepared: Prepared, log=print) -> None:
+        from layerwise.report import ReportData, write_report
+        from layerwise.report.fold_sections import fold_sections
+        from layerwise.tasks.classify import report_summary
+
+        extras = prepared.extras
+        best = max(("template", "helix"), key=lambda name: summary["baseline"][name]["lddt_ca"])
+        data = ReportData(
+            title=f"layerwise run: {Path(bundle.config['data']['source']).name}",
+            summary=report_summary(bundle.config, summary),
+            history=result.history,
+            class_names=[],
+            confusion=[],
+            metrics={k: v for k, v in summary["metrics"].items() if isinstance(v, float | int)},
+            baseline={"model": BASELINE_NAMES[best], **summary["baseline"][best]},
+            verdict=summary["verdict"],
+            examples=[],
+            problems=[p.to_json() for p in prepared.problems],
+            monitor="lddt_ca",
+            higher_is_better=True,
+            extra_sections=fold_sections(
+                report_chains(extras["val"], extras["val_results"], extras["val_scores"]),
+                baselines={BASELINE_NAMES[k]: summary["baseline"][k] for k in ("template", "helix")},
+            ),
+        )
+        write_report(run_dir / "report.html", data)
+
+    # ------------------------------------------------------------------ inference
+
+    @torch.no_grad()
+    def fold_sequences(self, network: nn.Module, records: list[tuple[str, str]]) -> list[FoldResult]:
+        """Coordinates and pLDDT for (name, sequence) records, a few at a time (similar lengths together)."""
+        from layerwise.models.folder import plddt
+
+        network.eval()
+        device = model_device(network)
+        order = sorted(range(len(records)), key=lambda i: len(records[i][1]))
+        results: dict[int, FoldResult] = {}
+        for start in range(0, len(order), EVAL_BATCH):
+            part = order[start : start + EVAL_BATCH]
+            tokens, residue_mask = sequence_batch([records[i][1] for i in part], MAX_LENGTH)
+            outputs = network(tokens.to(device), residue_mask.to(device))
+            coords, confidence = outputs["coords"].float().cpu().numpy(), plddt(outputs["plddt_logits"]).cpu().numpy()
+            for row, i in enumerate(part):
+                name, sequence = records[i]
+                n = len(sequence)
+                results[i] = FoldResult(name, sequence, coords[row, :n], confidence[row, :n])
+        return [results[i] for i in range(len(records))]
+
+    def fold_chains(self, network: nn.Module, chains: list[ProteinChain]) -> list[FoldResult]:
+        """Fold each chain's sequence (its first MAX_LENGTH residues)."""
+        return self.fold_sequences(network, [(c.name, c.sequence[:MAX_LENGTH]) for c in chains])
+
+    def fold(
+        self, network: nn.Module, inputs: list[str], out_dir: Path | None = None
+    ) -> tuple[list[FoldResult], list[Problem]]:
+        """`layerwise fold`: raw sequences or FASTA files in; with `out_dir`, a PDB file (pLDDT as B-factor)
+        and a distance-map PNG per chain. Sequences longer than MAX_LENGTH are refused by name."""
+        records, problems = read_sequences(inputs)
+        results = self.fold_sequences(network, records) if records else []
+        if out_dir is not None and results:
+            results = write_folds(results, Path(out_dir))
+        return results, problems
+
+    def predict(self, network: nn.Module, inputs: list, texts=None, k: int = 3, **options):
+        return self.fold(network, [*map(str, inputs), *(texts or [])], options.get("out_dir"))
+
+    def predict_stream(self, network: nn.Module, examples: list, k: int = 3):
+        results, problems = self.fold(network, [e.text if e.text is not None else str(e.path) for e in examples])
+        yield from problems
+        yield from results
+
+    def find_inputs(self, inputs: list, texts: list[str] | None = None):
+        from layerwise.data.sources import Example
+
+        return [Example(origin=str(item), label=None, text=str(item)) for item in [*inputs, *(texts or [])]], []
+
+    def evaluate_data(self, network: nn.Module, data: str | Path) -> tuple[dict, list[Problem]]:
+        """Structural metrics of the network, and of both baselines, on the chains of held-out structure files."""
+        from layerwise.data.structures import read_structures
+
+        chains, problems, _ = read_structures(Path(data))
+        if not chains:
+            raise InputError(f"{data}: no usable protein chain to evaluate" + "".join(
+                f"\n  {p.origin}: {p.reason}" for p in problems[:10]))  # fmt: skip
+        results = self.fold_chains(network, chains)
+        metrics = summarise(score_chains(chains, [r.coords for r in results], [r.plddt for r in results]))
+        if self.templates:
+            metrics["baseline"] = baseline_scores(self.templates, chains)
+        return metrics, problems
+
+
+BASELINE_NAMES = {"template": "nearest-sequence template", "helix": "ideal α-helix"}
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def looks_like_structures(data: Path, sample: int = 200) -> bool:
+    """A folder whose files are mostly structure files (PDB/mmCIF, optionally gzipped)."""
+    if not data.is_dir():
+        return data.is_file() and data.name.lower().endswith(STRUCTURE_EXTENSIONS)
+    names = []
+    for path in data.rglob("*"):
+        if path.is_file() and not path.name.startswith("."):
+            names.append(path.name.lower())
+            if len(names) >= sample:
+                break
+    hits = sum(name.endswith(STRUCTURE_EXTENSIONS) for name in names)
+    return hits > 0 and hits >= len(names) / 2
+
+
+def read_sequences(inputs: list[str]) -> tuple[list[tuple[str, str]], list[Problem]]:
+    """(name, sequence) records from raw sequences and FASTA files; too-long sequences become problems."""
+    from layerwise.data.structures import read_fasta
+
+    records, problems = [], []
+    for item in inputs:
+        for name, sequence in read_fasta(item):
+            if len(sequence) > MAX_LENGTH:
+                problems.append(Problem(name, f"{len(sequence)} residues; this model folds at most {MAX_LENGTH}"))
+            else:
+                records.append((name, sequence))
+    names = [name for name, _ in records]
+    # Two records of one name would overwrite one another's PDB file: number the repeats.
+    return [
+        (f"{n}_{names[:i].count(n) + 1}" if names.count(n) > 1 else n, s) for i, (n, s) in enumerate(records)
+    ], problems
+
+
+def write_folds(results: list[FoldResult], out_dir: Path) -> list[FoldResult]:
+    """NAME.pdb (Cα, pLDDT as B-factor) and NAME.png (predicted distance map) per result."""
+    from dataclasses import replace
+
+    from layerwise.data.structures import write_ca_pdb
+    from layerwise.report.fold_sections import distance_map_png
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for result in results:
+        stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in result.name) or "chain"
+        pdb = write_ca_pdb(out_dir / f"{stem}.pdb", result.sequence, result.coords, result.plddt)
+        distances = np.linalg.norm(result.coords[:, None] - result.coords[None], axis=-1)
+        (out_dir / f"{stem}.png").write_bytes(distance_map_png(distances, title=f"{result.name}: predicted"))
+        written.append(replace(result, pdb=str(pdb)))
+    return written
+
+
+def score_chains(chains: list[ProteinChain], coords: list[np.ndarray], plddts: list[np.ndarray]) -> dict:
+    """Per-chain lDDT-Cα, RMSD, GDT-TS, TM-score (on the residues whose Cα is known), per-residue lDDT and pLDDT."""
+    scores: dict = {key: [] for key in METRIC_KEYS} | {"residue_lddt": [], "residue_plddt": []}
+    threads = torch.get_num_threads()
+    # One chain at a time is thousands of tiny tensor ops (GDT/TM superposition searches): threads only add
+    # synchronisation, and on a busy machine 2 threads made them 25x slower than 1.
+    torch.set_num_threads(1)
+    try:
+        for chain, predicted, confidence in zip(chains, coords, plddts, strict=True):
+            score_chain(scores, chain, predicted, confidence)
+    finally:
+        torch.set_num_threads(threads)
+    return scores
+
+
+def score_chain(scores: dict, chain: ProteinChain, predicted: np.ndarray, confidence: np.ndarray) -> None:
+    """Append one chain's metrics to `scores` (see score_chains)."""
+    from layerwise.tasks.structure_metrics import gdt_ts, lddt_ca, lddt_scored, per_residue_lddt, rmsd, tm_score
+
+    n = len(predicted)
+    true = torch.from_numpy(chain.ca[:n]).float()[None]
+    pred = torch.from_numpy(np.asarray(predicted, dtype=np.float32))[None]
+    mask = torch.from_numpy(chain.mask[:n])[None]
+    for key, metric in zip(METRIC_KEYS, (lddt_ca, rmsd, gdt_ts, tm_score), strict=True):
+        scores[key].append(float(metric(pred, true, mask)[0]))
+    residue = per_residue_lddt(pred, true, mask)[0].numpy()
+    scores["residue_lddt"].append(np.where(lddt_scored(true, mask)[0].numpy(), residue, np.nan))
+    scores["residue_plddt"].append(np.asarray(confidence, dtype=np.float32))
+
+
+def summarise(scores: dict) -> dict:
+    """Means of the per-chain metrics, and how well pLDDT tracks the true lDDT (Pearson, per residue and per chain)."""
+    metrics = {key: float(np.mean(scores[key])) for key in METRIC_KEYS}
+    residue_lddt = np.concatenate(scores["residue_lddt"])
+    residue_plddt = np.concatenate(scores["residue_plddt"]) / 100
+    known = ~np.isnan(residue_lddt)
+    metrics["plddt_pearson"] = _pearson(residue_plddt[known], residue_lddt[known])
+    chain_plddt = [float(p.mean()) / 100 for p in scores["residue_plddt"]]
+    metrics["plddt_pearson_chains"] = _pearson(np.array(chain_plddt), np.array(scores["lddt_ca"]))
+    metrics["plddt_mean"] = float(np.mean(chain_plddt) * 100)
+    metrics["n_chains"] = len(scores["lddt_ca"])
+    return metrics
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float | None:
+    if len(a) < 3 or a.std() == 0 or b.std() == 0:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def baseline_scores(templates: list[ProteinChain], chains: list[ProteinChain]) -> dict:
+    """Both baselines' mean metrics on `chains`: the ideal helix and the nearest-sequence template."""
+    from layerwise.tasks.fold_baselines import TemplateBaseline, ideal_helix
+
+    started = time.perf_counter()
+    sequences = [c.sequence[:MAX_LENGTH] for c in chains]
+    template = TemplateBaseline(templates)
+    results = {}
+    for name, predict in (("template", template.predict), ("helix", lambda s: ideal_helix(len(s)))):
+        coords = [np.asarray(predict(s), dtype=np.float32) for s in sequences]
+        flat = [np.full(len(s), 50.0, dtype=np.float32) for s in sequences]  # baselines have no confidence
+        scores = score_chains(chains, coords, flat)
+        results[name] = {key: round(float(np.mean(scores[key])), 4) for key in METRIC_KEYS}
+    best = max(results, key=lambda name: results[name]["lddt_ca"])
+    return {"model": BASELINE_NAMES[best], **results[best], **results,
+            "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+
+
+def report_chains(chains: list[ProteinChain], results: list[FoldResult], scores: dict) -> list[dict]:
+    """The first REPORT_CHAINS validation chains as fold_sections wants them (prediction superposed on truth)."""
+    from layerwise.tasks.structure_metrics import superpose
+
+    shown = []
+    for i, (chain, result) in enumerate(zip(chains[:REPORT_CHAINS], results, strict=False)):
+        n = len(result.coords)
+        true = torch.from_numpy(chain.ca[:n]).float()[None]
+        mask = torch.from_numpy(chain.mask[:n])[None]
+        aligned = superpose(torch.from_numpy(result.coords).float()[None], true, mask)[0].numpy()
+        shown.append({
+            "name": chain.name, "sequence": result.sequence, "true": chain.ca[:n], "predicted": aligned,
+            "mask": chain.mask[:n], "plddt": result.plddt, "lddt": scores["residue_lddt"][i],
+            "metrics": {key: scores[key][i] for key in METRIC_KEYS},
+        })  # fmt: skip
+    return shown
+
+
+def templates_to_bytes(chains: list[ProteinChain]) -> bytes:
+    """The training chains as one safetensors file (no pickle): coordinates, masks, offsets; names and
+    sequences in its JSON metadata."""
+    lengths = np.array([len(c.sequence) for c in chains], dtype=np.int64)
+    arrays = {
+        "ca": np.concatenate([c.ca for c in chains]).astype(np.float32),
+        "mask": np.concatenate([c.mask for c in chains]).astype(np.uint8),
+        "lengths": lengths,
+    }
+    meta = {"names": json.dumps([c.name for c in chains]), "sequences": json.dumps([c.sequence for c in chains])}
+    return save_arrays(arrays, metadata=meta)
+
+
+def templates_from_bytes(content: bytes) -> list[ProteinChain]:
+    arrays = load_arrays(content)
+    meta = _metadata(content)
+    names, sequences = json.loads(meta["names"]), json.loads(meta["sequences"])
+    ends = np.cumsum(arrays["lengths"])
+    starts = ends - arrays["lengths"]
+    return [
+        ProteinChain(name, "templates", seq, arrays["ca"][s:e], arrays["mask"][s:e].astype(bool))
+        for name, seq, s, e in zip(names, sequences, starts, ends, strict=True)
+    ]
+
+
+def _metadata(content: bytes) -> dict:
+    """safetensors' JSON header metadata (the numpy loader returns only the arrays)."""
+    size = int.from_bytes(content[:8], "little")
+    return json.loads(content[8 : 8 + size]).get("__metadata__", {})
