@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo demo-generate demo-detect test test-fast lint bench
+.PHONY: setup demo demo-generate demo-detect demo-fold test test-fast lint bench
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
@@ -16,6 +16,9 @@ demo-generate: setup
 
 demo-detect: setup
 	$(VENV)/bin/layerwise demo --task detect
+
+demo-fold: setup
+	$(VENV)/bin/layerwise demo --task fold
 
 test: setup
 	$(PY) -m pytest -q
@@ -35,3 +38,4 @@ bench: setup
 	$(PY) benchmarks/serve_load.py
 	$(PY) benchmarks/shift.py
 	$(PY) benchmarks/detect.py
+	$(PY) benchmarks/fold.py

@@ -569,8 +569,18 @@ def serve_command(
     threads: Annotated[
         int | None, typer.Option(help="PyTorch threads per process (default: the cores left after each event loop).")
     ] = None,
+    runtime: Annotated[
+        str,
+        typer.Option(
+            help="auto: classifiers on ONNX Runtime when their export matches PyTorch (2-3x faster on CPU), "
+            "else PyTorch; onnx: require it; torch: always PyTorch."
+        ),
+    ] = "auto",
 ) -> None:
     """Serve a run over HTTP: POST /predict, POST /generate, GET /model, GET /health, docs at /docs."""
+    import dataclasses
+    import tempfile
+
     import uvicorn
 
     from layerwise.bundle import load
@@ -588,11 +598,26 @@ def serve_command(
         max_batch, max_wait_ms, int(max_body_mb * (1 << 20)), max_inputs, timeout, api_key,
         threads or inference_threads(workers),
     )  # fmt: skip
+    if runtime not in ("auto", "onnx", "torch"):
+        raise InputError(f"--runtime {runtime!r}: choose auto, onnx or torch")
     bundle = load(run)  # fails here, with a clear message, before any worker starts
+    exported = tempfile.TemporaryDirectory(prefix="layerwise-serve-onnx-")  # removed when the server stops
+    if runtime != "torch":
+        from layerwise.serve.onnx_network import export_for_serving
+
+        onnx_model = Path(exported.name) / "model.onnx"
+        reason = export_for_serving(bundle, onnx_model)
+        if reason is None:
+            config = dataclasses.replace(config, onnx_model=str(onnx_model))
+        elif runtime == "onnx":
+            raise InputError(f"--runtime onnx: {reason}")
+        err_console.print(
+            f"serving on {'ONNX Runtime' if reason is None else 'PyTorch'}" + (f": {reason}" if reason else ""),
+            highlight=False,
+        )
     if workers == 1:
         uvicorn.run(create_app(bundle, config, run), host=host, port=port, log_level="warning")
         return
-    import dataclasses
     import os
 
     from layerwise.serve.app import SETTINGS_ENV

@@ -140,3 +140,23 @@ def test_the_serve_command_runs_worker_processes(three_class_run, fashion_test) 
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_the_onnx_runtime_answers_like_pytorch(three_class_run, fashion_test, tmp_path) -> None:
+    """`serve --runtime auto` runs classifiers on ONNX Runtime: same labels, confidences and OOD flags."""
+    import layerwise
+    from layerwise.serve.onnx_network import export_for_serving
+
+    onnx_model = tmp_path / "model.onnx"
+    assert export_for_serving(layerwise.load(three_class_run), onnx_model) is None
+    files = [p for name in ("bag", "sneaker", "trouser") for p in sorted((fashion_test / name).glob("*.png"))[:3]]
+    answers = {}
+    for runtime, options in (("pytorch", {}), ("onnxruntime", {"onnx_model": str(onnx_model)})):
+        with running_server(three_class_run, **options) as url:
+            assert httpx.get(f"{url}/model").json()["runtime"] == runtime
+            answers[runtime] = httpx.post(f"{url}/predict", files=upload(*files)).json()["predictions"]
+    for torch_answer, onnx_answer in zip(answers["pytorch"], answers["onnxruntime"], strict=True):
+        assert onnx_answer["label"] == torch_answer["label"]
+        assert onnx_answer["confidence"] == pytest.approx(torch_answer["confidence"], abs=1e-4)
+        assert onnx_answer.get("ood") == torch_answer.get("ood")
+        assert onnx_answer.get("ood_score", 0) == pytest.approx(torch_answer.get("ood_score", 0), rel=1e-3, abs=1e-3)

@@ -34,7 +34,8 @@ class ServeConfig:
     max_inputs: int = 64  # files or texts in one request
     timeout_s: float = 30.0  # per request
     api_key: str | None = None
-    threads: int = 1  # PyTorch threads per server process (see inference_threads)
+    threads: int = 1  # PyTorch (or ONNX Runtime) threads per server process (see inference_threads)
+    onnx_model: str | None = None  # a classifier exported by export_for_serving: run on ONNX Runtime
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_wait_ms < 0 or self.max_inputs < 1 or self.timeout_s <= 0:
@@ -65,8 +66,8 @@ class MicroBatcher:
     one thread hop per batch instead of two per request (measured in benchmarks/serve_load.py).
     """
 
-    def __init__(self, bundle, config: ServeConfig) -> None:
-        self.bundle, self.config = bundle, config
+    def __init__(self, bundle, network, config: ServeConfig) -> None:
+        self.bundle, self.network, self.config = bundle, network, config
         self.queue: asyncio.Queue = asyncio.Queue()
         self.worker: asyncio.Task | None = None
 
@@ -99,7 +100,7 @@ class MicroBatcher:
             await asyncio.to_thread(self.run_batch, items)
 
     def run_batch(self, items: list) -> None:
-        task, network = self.bundle.task, self.bundle.network
+        task, network = self.bundle.task, self.network
         examples = [example for item_examples, _, _ in items for example in item_examples]
         try:
             # One decode and one forward pass for every waiting request; the task calibrates and adds the OOD flag.
@@ -130,7 +131,12 @@ def _fail(future: asyncio.Future, err: Exception) -> None:
 def create_app(bundle, config: ServeConfig, run_dir: Path) -> FastAPI:
     torch.set_num_threads(config.threads)
     app = FastAPI(title=f"layerwise: {bundle.config['model']['name']} ({bundle.task.name})", version=__version__)
-    batcher = MicroBatcher(bundle, config)
+    network = bundle.network
+    if config.onnx_model is not None:
+        from layerwise.serve.onnx_network import OnnxClassifier
+
+        network = OnnxClassifier(Path(config.onnx_model), config.threads)
+    batcher = MicroBatcher(bundle, network, config)
     uploads = tempfile.TemporaryDirectory(prefix="layerwise-serve-")
     metrics_file = run_dir / "metrics.json"
     metrics = json.loads(metrics_file.read_text()).get("metrics", {}) if metrics_file.is_file() else {}
@@ -155,6 +161,7 @@ def create_app(bundle, config: ServeConfig, run_dir: Path) -> FastAPI:
             "task": bundle.task.name,
             "modality": bundle.task.modality,
             "model": bundle.config["model"]["name"],
+            "runtime": "onnxruntime" if config.onnx_model else "pytorch",
             "labels": bundle.config.get("class_labels"),
             "metrics": metrics,
             "layerwise_version": __version__,

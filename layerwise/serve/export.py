@@ -50,8 +50,12 @@ def export_onnx(bundle, out: Path, data: Path | None = None) -> ExportResult:
 
     The parity check runs on real inputs from `data` (default: the data the run was trained on).
     """
-    import onnxruntime
 
+    if not hasattr(bundle.task, "example_inputs"):
+        raise InputError(
+            f"export: {bundle.task.name} runs cannot be exported yet (classify and generate runs can); "
+            "use `layerwise serve` or the Python API"
+        )
     started = time.perf_counter()
     network = bundle.network.eval().cpu()
     data = data or Path(bundle.config["data"]["source"])
@@ -59,16 +63,31 @@ def export_onnx(bundle, out: Path, data: Path | None = None) -> ExportResult:
         raise InputError(f"{data}: not found; the parity check needs real inputs: pass --data DIR")
     inputs = bundle.task.example_inputs(data, N_PARITY_INPUTS, network)
     origin = f"{len(inputs)} inputs from {data}"
-    dynamic = {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}
     tokens = inputs.dtype == torch.int64 and inputs.ndim == 2  # token ids (B, T): T may vary too
-    if tokens:
-        dynamic[1] = torch.export.Dim("sequence", min=2, max=int(bundle.task.max_sequence_length(network)))
+    max_sequence = int(bundle.task.max_sequence_length(network)) if tokens else 0
+    worst = write_onnx(network, inputs, out, ["output"], max_sequence)
+    spec_path = out.with_name(out.name + ".json")
+    write_json(spec_path, spec(bundle, inputs, tokens))
+    return ExportResult(out, spec_path, worst, origin, time.perf_counter() - started)
+
+
+def write_onnx(
+    module: torch.nn.Module, inputs: torch.Tensor, out: Path, output_names: list[str], max_sequence: int = 0
+) -> float:
+    """Export `module` (one input, the given outputs) with a dynamic batch, and a dynamic sequence length up to
+    `max_sequence` when it is positive; returns onnxruntime's largest difference from PyTorch on `inputs`
+    (whole, one row, and half the sequence)."""
+    import onnxruntime
+
+    dynamic = {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}
+    if max_sequence:
+        dynamic[1] = torch.export.Dim("sequence", min=2, max=max_sequence)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter's own progress chatter
             torch.onnx.export(
-                network, (inputs,), str(out), input_names=["input"], output_names=["output"],
+                module, (inputs,), str(out), input_names=["input"], output_names=output_names,
                 dynamic_shapes=(dynamic,), dynamo=True, optimize=True, verbose=False,
             )  # fmt: skip
     except OSError as err:
@@ -76,13 +95,12 @@ def export_onnx(bundle, out: Path, data: Path | None = None) -> ExportResult:
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     worst = 0.0
     with torch.no_grad():
-        for batch in (inputs, inputs[:1]) + ((inputs[:, : max(2, inputs.shape[1] // 2)],) if tokens else ()):
-            expected = network(batch).numpy()
-            got = session.run(None, {"input": batch.numpy()})[0]
-            worst = max(worst, float(np.abs(expected - got).max()))
-    spec_path = out.with_name(out.name + ".json")
-    write_json(spec_path, spec(bundle, inputs, tokens))
-    return ExportResult(out, spec_path, worst, origin, time.perf_counter() - started)
+        for batch in (inputs, inputs[:1]) + ((inputs[:, : max(2, inputs.shape[1] // 2)],) if max_sequence else ()):
+            expected = module(batch)
+            expected = expected if isinstance(expected, tuple) else (expected,)
+            got = session.run(None, {"input": batch.numpy()})
+            worst = max([worst] + [float(np.abs(e.numpy() - g).max()) for e, g in zip(expected, got, strict=True)])
+    return worst
 
 
 def spec(bundle, inputs: torch.Tensor, tokens: bool) -> dict:

@@ -711,6 +711,31 @@ def model_overrides(model_name: str, modality: str, frontend: FrontEnd) -> dict:
     return config
 
 
+def write_task_report(
+    run_dir: Path, bundle, summary: dict, result, prepared: Prepared, objective, baseline: dict, extra_sections: list
+) -> None:
+    """RUN/report.html for a task without classes: summary, curves, headline metric against `baseline`, the task's
+    own `extra_sections` and the skipped inputs."""
+    from layerwise.report import ReportData, write_report
+
+    data = ReportData(
+        title=f"layerwise run: {Path(bundle.config['data']['source']).name}",
+        summary=report_summary(bundle.config, summary),
+        history=result.history,
+        class_names=[],
+        confusion=[],
+        metrics={k: v for k, v in summary["metrics"].items() if isinstance(v, float | int)},
+        baseline=baseline,
+        verdict=summary["verdict"],
+        examples=[],
+        problems=[p.to_json() for p in prepared.problems],
+        monitor=objective.monitor,
+        higher_is_better=objective.higher_is_better,
+        extra_sections=extra_sections,
+    )
+    write_report(run_dir / "report.html", data)
+
+
 def report_summary(config: dict, summary: dict) -> dict[str, str]:
     """The key/value table at the top of report.html, for any task."""
     data = config["data"]

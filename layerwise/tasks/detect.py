@@ -245,30 +245,16 @@ class DetectTask:
         return result_rows(summary, "map_50", lambda v: f"mAP@0.5 {v:.3f}")
 
     def write_report(self, run_dir: Path, bundle, summary: dict, result, prepared: Prepared, log=print) -> None:
-        from layerwise.report import ReportData, write_report
         from layerwise.report.detect_sections import detection_sections
-        from layerwise.tasks.classify import report_summary
+        from layerwise.tasks.classify import write_task_report
 
         extras = prepared.extras
-        data = ReportData(
-            title=f"layerwise run: {Path(bundle.config['data']['source']).name}",
-            summary=report_summary(bundle.config, summary),
-            history=result.history,
-            class_names=[],
-            confusion=[],
-            metrics={k: v for k, v in summary["metrics"].items() if isinstance(v, float | int)},
-            baseline={k: v for k, v in summary["baseline"].items() if not isinstance(v, dict)},
-            verdict=summary["verdict"],
-            examples=[],
-            problems=[p.to_json() for p in prepared.problems],
-            monitor="map_50",
-            higher_is_better=True,
-            extra_sections=detection_sections(
-                self.class_names, extras["map_result"], extras["val_pixels"], extras["val_targets"],
-                extras["val_detections"], [im.origin for im in extras["val_images"]],
-            ),
+        sections = detection_sections(
+            self.class_names, extras["map_result"], extras["val_pixels"], extras["val_targets"],
+            extras["val_detections"], [im.origin for im in extras["val_images"]],
         )  # fmt: skip
-        write_report(run_dir / "report.html", data)
+        baseline = {k: v for k, v in summary["baseline"].items() if not isinstance(v, dict)}
+        write_task_report(run_dir, bundle, summary, result, prepared, self, baseline, sections)
 
     def explain(self, bundle, inputs: list, out_dir: Path, methods: tuple[str, ...], target: str | None,
                 texts: list[str] | None, box: int = 1) -> tuple[dict, list[Problem], list[str]]:  # fmt: skip

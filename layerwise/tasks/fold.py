@@ -28,7 +28,7 @@ from layerwise.models.registry import model_entry
 from layerwise.runtime import model_device
 from layerwise.tasks.base import FitOptions, Prepared, RunMismatch, fingerprint, result_rows
 
-DEFAULT_MODEL = "fold_s"
+DEFAULT_MODEL = "fold_xs"
 TRAIN_CROP = 128  # residues per training window (AlphaFold crops too: memory grows with L^2, time with L^3)
 EVAL_CROP = 128  # the per-epoch validation scores each chain's first 128 residues, the same window every epoch
 EVAL_CHAINS = 96  # validation chains scored every epoch (all of them, whole, at the end): an epoch's check
@@ -135,9 +135,12 @@ class FoldTask:
 
         started = time.perf_counter()
         chains, problems, counts = read_structures(Path(data))
+        skipped = ", ".join(
+            f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if k not in ("files", "chains") and v
+        )
         log(
-            f"{data}: {counts['chains']} protein chains from {counts['files']} files "
-            f"({', '.join(f'{v} {k}' for k, v in counts.items() if k not in ('files', 'chains') and v)})"
+            f"{data}: {counts['chains']} protein chains from {counts['files']} files"
+            + (f" ({skipped})" if skipped else "")
         )
         if len(chains) < 2:
             raise InputError(
@@ -217,31 +220,17 @@ class FoldTask:
         return rows
 
     def write_report(self, run_dir: Path, bundle, summary: dict, result, prepared: Prepared, log=print) -> None:
-        from layerwise.report import ReportData, write_report
         from layerwise.report.fold_sections import fold_sections
-        from layerwise.tasks.classify import report_summary
+        from layerwise.tasks.classify import write_task_report
 
-        extras = prepared.extras
-        best = max(("template", "helix"), key=lambda name: summary["baseline"][name]["lddt_ca"])
-        data = ReportData(
-            title=f"layerwise run: {Path(bundle.config['data']['source']).name}",
-            summary=report_summary(bundle.config, summary),
-            history=result.history,
-            class_names=[],
-            confusion=[],
-            metrics={k: v for k, v in summary["metrics"].items() if isinstance(v, float | int)},
-            baseline={"model": BASELINE_NAMES[best], **summary["baseline"][best]},
-            verdict=summary["verdict"],
-            examples=[],
-            problems=[p.to_json() for p in prepared.problems],
-            monitor="lddt_ca",
-            higher_is_better=True,
-            extra_sections=fold_sections(
-                report_chains(extras["val"], extras["val_results"], extras["val_scores"]),
-                baselines={BASELINE_NAMES[k]: summary["baseline"][k] for k in ("template", "helix")},
-            ),
+        extras, baseline = prepared.extras, summary["baseline"]
+        best = max(("template", "helix"), key=lambda name: baseline[name]["lddt_ca"])
+        sections = fold_sections(
+            report_chains(extras["val"], extras["val_results"], extras["val_scores"]),
+            baselines={BASELINE_NAMES[k]: baseline[k] for k in ("template", "helix")},
         )
-        write_report(run_dir / "report.html", data)
+        best_baseline = {"model": BASELINE_NAMES[best], **baseline[best]}
+        write_task_report(run_dir, bundle, summary, result, prepared, self, best_baseline, sections)
 
     # ------------------------------------------------------------------ inference
 

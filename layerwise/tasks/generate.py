@@ -274,29 +274,14 @@ class GenerateTask:
         return result_rows(summary, "bits_per_byte", lambda v: f"{v:.3f}")
 
     def write_report(self, run_dir: Path, bundle, summary: dict, result, prepared: Prepared, log=print) -> None:
-        from layerwise.report import ReportData, write_report
         from layerwise.report.sections import samples_html, tokenizer_html
-        from layerwise.tasks.classify import report_summary
+        from layerwise.tasks.classify import write_task_report
 
-        data = ReportData(
-            title=f"layerwise run: {Path(bundle.config['data']['source']).name}",
-            summary=report_summary(bundle.config, summary),
-            history=result.history,
-            class_names=[],
-            confusion=[],
-            metrics={k: v for k, v in summary["metrics"].items() if isinstance(v, float | int)},
-            baseline=summary["baseline"],
-            verdict=summary["verdict"],
-            examples=[],
-            problems=[p.to_json() for p in prepared.problems],
-            monitor=self.monitor,
-            higher_is_better=self.higher_is_better,
-            extra_sections=[
-                ("Samples", samples_html(prepared.extras.get("samples", []))),
-                ("Tokenizer", tokenizer_html(self.tokenizer_stats(prepared))),
-            ],
-        )
-        write_report(run_dir / "report.html", data)
+        sections = [
+            ("Samples", samples_html(prepared.extras.get("samples", []))),
+            ("Tokenizer", tokenizer_html(self.tokenizer_stats(prepared))),
+        ]
+        write_task_report(run_dir, bundle, summary, result, prepared, self, summary["baseline"], sections)
 
     def tokenizer_stats(self, prepared: Prepared) -> dict:
         data = prepared.data_summary
