@@ -58,9 +58,9 @@ class OnnxClassifier(nn.Module):
 def export_for_serving(bundle, out: Path) -> str | None:
     """Export the run's classifier to `out` for OnnxClassifier; None when it was exported and matches PyTorch,
     else the reason the server should run PyTorch instead."""
+    # Tasks whose predictions come from one tensor in, logits out (classification) offer example_inputs and
+    # predict; the others (boxes, structures, text generation) keep their own decoding on PyTorch.
     if "predict" not in bundle.task.commands or not hasattr(bundle.task, "example_inputs"):
-        return f"{bundle.task.name} runs are served with PyTorch"
-    if getattr(bundle.task, "name", "") != "classify":
         return f"{bundle.task.name} runs are served with PyTorch"
     data = Path(bundle.config["data"]["source"])
     if not data.exists():
