@@ -71,8 +71,8 @@ def collate(chains: list[ProteinChain], tokens: list[torch.Tensor], windows: lis
     return (padded, residue_mask), (coords, coord_mask)
 
 
-def sequence_batch(sequences: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens and residue mask for sequences to fold (each at most `max_length`, checked by the caller)."""
+def sequence_batch(sequences: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens and residue mask for sequences to fold, padded to the longest."""
     length = max(len(s) for s in sequences)
     padded = torch.full((len(sequences), length), PAD, dtype=torch.int64)
     residue_mask = torch.zeros((len(sequences), length), dtype=torch.bool)

@@ -181,12 +181,12 @@ def create_app(bundle, config: ServeConfig, run_dir: Path) -> FastAPI:
                 if example.path is not None:
                     example.path.unlink(missing_ok=True)
         if all(isinstance(result, Problem) for result in results):
-            raise HTTPError(422, "; ".join(f"{names[r.origin]}: {r.reason}" for r in results))
+            raise HTTPError(422, "; ".join(f"{names.get(r.origin, r.origin)}: {r.reason}" for r in results))
         # A JSONResponse built here skips FastAPI's generic encoder: these are plain dicts already.
         return JSONResponse({"predictions": [
-            {"path": names[result.origin], "error": result.reason}
+            {"path": names.get(result.origin, result.origin), "error": result.reason}
             if isinstance(result, Problem)
-            else result.to_json() | {"path": names[result.path]}
+            else result.to_json() | {"path": names.get(result.path, result.path)}  # fold: a FASTA record's name
             for result in results
         ]})  # fmt: skip
 

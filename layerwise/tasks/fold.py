@@ -245,7 +245,7 @@ class FoldTask:
         results: dict[int, FoldResult] = {}
         for start in range(0, len(order), EVAL_BATCH):
             part = order[start : start + EVAL_BATCH]
-            tokens, residue_mask = sequence_batch([records[i][1] for i in part], MAX_LENGTH)
+            tokens, residue_mask = sequence_batch([records[i][1] for i in part])
             outputs = network(tokens.to(device), residue_mask.to(device))
             coords, confidence = outputs["coords"].float().cpu().numpy(), plddt(outputs["plddt_logits"]).cpu().numpy()
             for row, i in enumerate(part):
