@@ -147,14 +147,10 @@ class FoldTask:
                 f"{data}: {len(chains)} usable protein chain(s); at least 2 are needed to hold one out"
                 + "".join(f"\n  {p.origin}: {p.reason}" for p in problems[:10])
             )
+        # Refuses (InputError) when every chain is one family: nothing could be held out without leaking.
         train_index, val_index, split = split_by_similarity(
             [c.sequence for c in chains], options.val_fraction, options.seed, MAX_IDENTITY
         )
-        if not train_index or not val_index:
-            raise InputError(
-                f"{data}: every chain is within {MAX_IDENTITY:.0%} identity of the others, so none can be held out "
-                "without leaking; add proteins of other families"
-            )
         train, val = [chains[i] for i in train_index], [chains[i] for i in val_index]
         log(f"split: {len(train)} training, {len(val)} validation chains; {split['rule']}")
         root = Path(data)
