@@ -133,6 +133,7 @@ def fit(
         epochs=settings.epochs, batch_size=prepared.batch_size, lr=settings.lr or prepared.lr,
         time_budget_s=settings.time_budget,
         seed=settings.seed, checkpoint_every_s=settings.checkpoint_every,
+        **({"patience": prepared.patience} if prepared.patience else {}),
     )  # fmt: skip
     run_config = {
         "format": FORMAT_VERSION, "layerwise_version": __version__, "task": prepared.task.name,

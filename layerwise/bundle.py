@@ -61,13 +61,14 @@ class Model:
         write_safetensors(run_dir / WEIGHTS_FILE, self.network.state_dict(), {"layerwise_version": __version__})
         write_json(run_dir / CONFIG_FILE, self.config)
 
-    def predict(self, inputs: list[str | Path], k: int = 3, texts: list[str] | None = None):
+    def predict(self, inputs: list[str | Path], k: int = 3, texts: list[str] | None = None, **options):
         """Predictions for files (paths, or folders searched recursively) and raw `texts`.
 
-        Returns the predictions (objects with .to_json()) and the inputs that could not be used.
+        Returns the predictions (objects with .to_json()) and the inputs that could not be used. `options`
+        are the task's own (a transcribe run takes `language` and `beam_size`).
         """
         self.require("predict")
-        return self.task.predict(self.network, inputs, texts=texts, k=k)
+        return self.task.predict(self.network, inputs, texts=texts, k=k, **options)
 
     def find_inputs(self, inputs: list[str | Path], texts: list[str] | None = None):
         return self.task.find_inputs(inputs, texts)

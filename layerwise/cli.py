@@ -236,6 +236,37 @@ def fold_command(
         raise typer.Exit(2)
 
 
+@app.command("transcribe")
+@exits_cleanly
+def transcribe_command(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `layerwise train --task transcribe`.")],
+    inputs: Annotated[list[Path], typer.Argument(help="Audio files (wav/flac/ogg, any rate), or folders of them.")],
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help='One JSON object per file: {"path", "text", "language", "language_confidence", '
+            '"seconds_of_audio", "real_time_factor"}.',
+        ),
+    ] = False,
+    language: Annotated[
+        str | None, typer.Option("--language", help="Force the language (an ISO 639-1 code the run was trained on).")
+    ] = None,
+    beam_size: Annotated[int, typer.Option("--beam-size", help="1: greedy decoding; more: beam search.")] = 1,
+) -> None:
+    """Transcribe recordings of any length (cut at silences), detecting the language unless --language forces it."""
+    from layerwise.bundle import load
+
+    bundle = load(run)
+    bundle.require("transcribe")
+    examples, problems = bundle.task.find_inputs(inputs)
+    failed = sum(print_result(problem, as_json) for problem in problems)
+    for item in bundle.task.transcribe_examples(bundle.network, examples, language, beam_size):
+        failed += print_result(item, as_json)
+    if failed:
+        raise typer.Exit(2)
+
+
 @app.command("shift")
 @exits_cleanly
 def shift_command(

@@ -3,7 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(dataset-fashion-mnist espeak-ng fortunes fortunes-min chromium theseus-examples promod3-data wrk)
+APT_PACKAGES=(dataset-fashion-mnist espeak-ng fortunes fortunes-min chromium theseus-examples promod3-data wrk flite
+  asterisk-core-sounds-en-wav asterisk-core-sounds-es-wav asterisk-core-sounds-fr-wav asterisk-core-sounds-it-wav
+  asterisk-core-sounds-en asterisk-core-sounds-es asterisk-core-sounds-fr asterisk-core-sounds-it)
 TORCH=(torch==2.14.1 torchvision==0.29.1)  # served from the local wheel cache on our machines
 
 missing=()

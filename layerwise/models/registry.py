@@ -54,4 +54,4 @@ def create_model(name: str, **config) -> nn.Module:
 
 def _load_builtin_models() -> None:
     # Imported here, not at module import, so the registry has no import-time side effects elsewhere.
-    from layerwise.models import convnet, detector, folder, gpt, resnet, transformer  # noqa: F401
+    from layerwise.models import convnet, detector, folder, gpt, recogniser, resnet, transformer  # noqa: F401

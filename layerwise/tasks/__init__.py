@@ -13,10 +13,14 @@ from layerwise.tasks.classify import ClassifyTask
 from layerwise.tasks.detect import DetectTask
 from layerwise.tasks.fold import FoldTask
 from layerwise.tasks.generate import GenerateTask
+from layerwise.tasks.transcribe import TranscribeTask
 
-# Tried in this order by detect_task: a detection folder (images + annotations) and a folder of protein
-# structures before a text corpus.
-TASKS: dict[str, type] = {"classify": ClassifyTask, "detect": DetectTask, "fold": FoldTask, "generate": GenerateTask}
+# Tried in this order by detect_task: a detection folder (images + annotations), a folder of protein
+# structures and a speech manifest (a CSV with `path` and `text`) before a text corpus.
+TASKS: dict[str, type] = {
+    "classify": ClassifyTask, "detect": DetectTask, "fold": FoldTask, "transcribe": TranscribeTask,
+    "generate": GenerateTask,
+}  # fmt: skip
 
 
 def task_class(name: str) -> type:

@@ -114,6 +114,7 @@ class Prepared:
     batch_size: int
     extras: dict = field(default_factory=dict)  # task-private leftovers for the baseline and report
     lr: float = 3e-3  # the peak learning rate when the user gives none
+    patience: int | None = None  # epochs without a better validation score before stopping early (None: the loop's)
 
 
 def result_rows(summary: dict, key: str, show: Callable[[float], str]) -> list[tuple[str, str]]:
