@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo demo-generate demo-detect demo-fold test test-fast lint bench
+.PHONY: setup demo demo-generate demo-detect demo-fold demo-transcribe test test-fast lint bench
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
@@ -19,6 +19,9 @@ demo-detect: setup
 
 demo-fold: setup
 	$(VENV)/bin/layerwise demo --task fold
+
+demo-transcribe: setup
+	$(VENV)/bin/layerwise demo --task transcribe
 
 test: setup
 	$(PY) -m pytest -q
@@ -39,3 +42,4 @@ bench: setup
 	$(PY) benchmarks/shift.py
 	$(PY) benchmarks/detect.py
 	$(PY) benchmarks/fold.py
+	$(PY) benchmarks/transcribe.py
