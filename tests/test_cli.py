@@ -91,7 +91,7 @@ def test_spoken_digits_audio(cli, spoken_digits, tmp_path) -> None:
 
 def test_fortunes_text_from_a_csv(cli, fortunes_csv, tmp_path) -> None:
     run = tmp_path / "fortunes"
-    code, _, err = cli("train", fortunes_csv, "--out", run, "--epochs", "12", "--no-progress")
+    code, _, err = cli("train", fortunes_csv, "--out", run, "--epochs", "4", "--no-progress")  # 0.62-0.70 from epoch 3
     assert code == 0, err
     config = read_json(run / "config.json")
     assert config["modality"] == "text" and config["model"]["name"] == "transformer_tiny"

@@ -198,11 +198,11 @@ def test_no_nan_when_a_chain_has_fewer_than_three_known_residues(small_batch) ->
 
 
 @pytest.mark.slow
-def test_fold_s_memorises_two_real_chains(two_chains) -> None:
+def test_the_default_model_memorises_two_real_chains(two_chains) -> None:
     batch = batch_of(two_chains)
     torch.manual_seed(0)
-    model = create_model("fold_s")
-    optimizer = torch.optim.Adam(model.parameters(), lr=1.5e-3)
+    model = create_model("fold_xs")  # fold_s gets there too (151 steps) but takes 70 s on 2 cores, fold_xs 25 s
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     start, steps, lddt = time.perf_counter(), 0, 0.0
     while steps < 400:
         out = model(batch["tokens"], batch["residue_mask"])
@@ -215,7 +215,7 @@ def test_fold_s_memorises_two_real_chains(two_chains) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         steps += 1
-    print(f"fold_s: lDDT-Cα {lddt:.3f} after {steps} steps, {time.perf_counter() - start:.0f} s")
+    print(f"fold_xs: lDDT-Cα {lddt:.3f} after {steps} steps, {time.perf_counter() - start:.0f} s")
     assert lddt >= 0.9
     model.eval()
     with torch.no_grad():
