@@ -221,3 +221,15 @@ def test_a_killed_transcribe_run_resumes_bitwise_identical(speech_demo, speech_r
     assert resumed.returncode == 0, resumed.stderr
     a, b = load_file(str(run / "model.safetensors")), load_file(str(speech_run / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_serve_transcribes_an_upload(speech_run, speech_demo) -> None:
+    import httpx
+    from test_serve import running_server
+
+    clip = speech_demo.synthetic_test_manifest.parent / rows(speech_demo.synthetic_test_manifest)[0]["path"]
+    with running_server(speech_run) as url:
+        assert httpx.get(f"{url}/model").json()["task"] == "transcribe"
+        files = [("files", ("clip.flac", clip.read_bytes(), "audio/flac"))]
+        answer = httpx.post(f"{url}/predict", files=files, timeout=60).json()["predictions"][0]
+    assert answer["path"] == "clip.flac" and set(answer) >= {"text", "language", "language_confidence"}
