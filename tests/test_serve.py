@@ -122,8 +122,19 @@ def test_the_serve_command_runs_worker_processes(three_class_run, fashion_test) 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "layerwise", "serve", str(three_class_run), "--port", str(port), "--workers", "2",
-               "--runtime", "torch"]  # ONNX in workers costs an export at start-up; tested below
+    command = [
+        sys.executable,
+        "-m",
+        "layerwise",
+        "serve",
+        str(three_class_run),
+        "--port",
+        str(port),
+        "--workers",
+        "2",
+        "--runtime",
+        "torch",
+    ]  # ONNX in workers costs an export at start-up; tested below
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
