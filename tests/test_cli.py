@@ -89,10 +89,8 @@ def test_spoken_digits_audio(cli, spoken_digits, tmp_path) -> None:
     assert code == 0 and json.loads(out)["path"] == str(clip)
 
 
-def test_fortunes_text_from_a_csv(cli, fortunes_csv, tmp_path) -> None:
-    run = tmp_path / "fortunes"
-    code, _, err = cli("train", fortunes_csv, "--out", run, "--epochs", "4", "--no-progress")  # 0.62-0.70 from epoch 3
-    assert code == 0, err
+def test_fortunes_text_from_a_csv(fortunes_run) -> None:
+    run = fortunes_run  # trained through the CLI from the CSV, 3 epochs (validation accuracy 0.62-0.70 from epoch 3)
     config = read_json(run / "config.json")
     assert config["modality"] == "text" and config["model"]["name"] == "transformer_tiny"
     n_classes = len(config["class_labels"])

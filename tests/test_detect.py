@@ -158,7 +158,7 @@ def test_a_detector_overfits_a_handful_of_scenes(tmp_path) -> None:
     batches = BoxBatches(pixels, targets, 8, task.prep.mean, task.prep.std)
     torch.manual_seed(0)
     network = create_model("fcos_resnet_s", num_classes=len(source.class_names), side=128)
-    config = TrainConfig(epochs=150, batch_size=8, lr=2e-3, patience=10**6, seed=0)
+    config = TrainConfig(epochs=80, batch_size=8, lr=2e-3, patience=10**6, seed=0)
     train(network, batches, batches, config, show_progress=False, objective=task, log=lambda _: None)
     assert task.evaluate(network, batches)["map_50"] >= 0.95
 

@@ -269,8 +269,8 @@ def test_every_figure_loads_in_headless_chromium(cli, image_run, fashion_test, t
 # ----------------------------------------------------------------------------- text and audio
 
 
-def test_text_explain_highlights_tokens(cli, fortunes_csv, tmp_path) -> None:
-    run = train(fortunes_csv, tmp_path / "fortunes", "--epochs", "3")
+def test_text_explain_highlights_tokens(cli, fortunes_run, fortunes_csv, tmp_path) -> None:
+    run = fortunes_run
     text = "The computer crashed <again> & the program lost my files"
     code, stdout, err = cli("explain", run, text, "--out", tmp_path / "why", "--json")
     assert code == 0, err

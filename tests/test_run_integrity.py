@@ -259,16 +259,8 @@ def test_init_starts_from_the_donor_weights(cli, finished_run, three_classes, tm
 
 
 @pytest.fixture(scope="module")
-def text_run(fortunes_csv, tmp_path_factory) -> Path:
-    from typer.testing import CliRunner
-
-    from layerwise.cli import app
-
-    run = tmp_path_factory.mktemp("runs") / "text"
-    args = ["train", str(fortunes_csv), "--out", str(run), "--epochs", "2", "--no-progress"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.stderr
-    return run
+def text_run(fortunes_run) -> Path:
+    return fortunes_run
 
 
 @pytest.mark.parametrize("command", ["predict", "explain"])

@@ -166,15 +166,8 @@ def test_the_server_answers_with_the_calibrated_confidence_and_the_ood_flag(cli,
 
 
 @pytest.fixture(scope="module")
-def text_run(fortunes_csv, tmp_path_factory) -> Path:
-    from typer.testing import CliRunner
-
-    from layerwise.cli import app
-
-    run = tmp_path_factory.mktemp("shift_runs") / "text"
-    result = CliRunner().invoke(app, ["train", str(fortunes_csv), "--out", str(run), "--epochs", "3", "--no-progress"])
-    assert result.exit_code == 0, result.stderr
-    return run
+def text_run(fortunes_run) -> Path:
+    return fortunes_run
 
 
 def test_text_runs_get_text_corruptions_and_tent(cli, text_run, fortunes_csv, tmp_path) -> None:
