@@ -430,6 +430,7 @@ class Hypothesis:
     # Decoder: log-prob of the characters and eot given the prompt. CTC: the best path's log-prob (greedy) or the
     # labelling's log-prob summed over its alignments (prefix beam search).
     log_prob: float
+    language_probabilities: tuple[float, ...] = ()  # the language head's whole distribution; () without one
 
 
 # (tokens so far (N, L), each row's clip index (N,)) -> log-probabilities of the next token (N, vocab)
@@ -609,9 +610,13 @@ def transcribe(
             texts = _decoder_decode(model, encoded, enc_lengths, languages, options)
     finally:
         model.train(was_training)
+    logits = out.get("language_logits")
+    distributions = [()] * len(texts) if logits is None else [tuple(p) for p in logits.float().softmax(-1).tolist()]
     return [
-        Hypothesis(tokens, language, confidence, log_prob)
-        for (tokens, log_prob), language, confidence in zip(texts, languages, confidences, strict=True)
+        Hypothesis(tokens, language, confidence, log_prob, distribution)
+        for (tokens, log_prob), language, confidence, distribution in zip(
+            texts, languages, confidences, distributions, strict=True
+        )
     ]
 
 

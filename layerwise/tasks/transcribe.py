@@ -334,7 +334,8 @@ class TranscribeTask:
         self, network: nn.Module, wave: np.ndarray, language: int | None = None, beam_size: int = 1
     ) -> tuple[str, int | None, float | None]:
         """Text, language id and its confidence for one recording of any length: cut at silences into chunks the
-        model takes, each decoded, the texts joined; the language is decided once for the whole recording."""
+        model takes, each decoded (in its own detected language unless one is forced), the texts joined; the
+        recording's language is the chunks' language distributions averaged, weighted by length."""
         from layerwise.data.speech import log_mel_batch, speech_segments
         from layerwise.models.recogniser import DecodingOptions, transcribe
 
@@ -344,18 +345,16 @@ class TranscribeTask:
         network.eval()
         device = model_device(network)
         features, lengths = log_mel_batch([wave[start:end] for start, end in segments], self.n_mels)
-        features, lengths = features.to(device), lengths.to(device)
-        confidence = None
-        if self.alphabet.languages:
-            logits = network(features, lengths)["language_logits"].float()
-            weights = lengths.float() / lengths.sum()  # longer chunks say more about the language
-            probabilities = (torch.softmax(logits, dim=-1) * weights[:, None]).sum(0)
-            if language is None:
-                language = int(probabilities.argmax())
-            confidence = float(probabilities[language])
-        hypotheses = transcribe(network, features, lengths, DecodingOptions(beam_size=beam_size, language=language))
+        hypotheses = transcribe(
+            network, features.to(device), lengths.to(device), DecodingOptions(beam_size=beam_size, language=language)
+        )
         text = " ".join(t for t in (self.alphabet.decode(h.tokens).strip() for h in hypotheses) if t)
-        return text, language, confidence
+        if not self.alphabet.languages:
+            return text, None, None
+        weights = lengths.float() / lengths.sum()  # longer chunks say more about the language
+        probabilities = (torch.tensor([h.language_probabilities for h in hypotheses]) * weights[:, None]).sum(0)
+        language = int(probabilities.argmax()) if language is None else language
+        return text, language, float(probabilities[language])
 
     def transcribe_examples(
         self, network: nn.Module, examples: list[Example], language: str | None = None, beam_size: int = 1
