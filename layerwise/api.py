@@ -23,7 +23,7 @@ from layerwise.bundle import CONFIG_FILE, FORMAT_VERSION, Model, load
 from layerwise.data.sources import Problem
 from layerwise.errors import InputError
 from layerwise.files import write_atomic, write_json
-from layerwise.models.registry import create_model
+from layerwise.models.registry import create_model, load_pretrained
 from layerwise.tasks import detect_task, task_class
 from layerwise.tasks.base import FitOptions, RunMismatch
 from layerwise.training.checkpoint import Checkpoint, CheckpointError, list_checkpoints, load_latest_checkpoint
@@ -83,6 +83,8 @@ def fit(
     batch_size: int | None = None,
     lr: float | None = None,
     init: str | Path | None = None,
+    freeze_fraction: float | None = None,
+    layer_decay: float | None = None,
     resume: bool = False,
     checkpoint_every: float | None = None,
     show_progress: bool = True,
@@ -115,11 +117,8 @@ def fit(
 
     task_type = task_class(settings.task or detect_task(Path(data)))
     donor = load(init) if init is not None else None
-    if donor is not None and donor.task.name != task_type.name:
-        raise InputError(
-            f"--init {init}: a {donor.task.name} run cannot start a {task_type.name} run "
-            "(their networks differ); give a run of the same task"
-        )
+    if donor is not None:
+        check_donor(donor, task_type.name, Path(init))
     options = FitOptions(
         settings.modality, settings.model, settings.seed, settings.val_fraction, settings.batch_size,
         settings.time_budget,
@@ -127,17 +126,33 @@ def fit(
     prepared = task_type.prepare(Path(data), options, saved=saved, donor=donor, log=say)
     report_problems(prepared.problems)
     network = create_model(prepared.model_name, **prepared.model_config)
+    approach = saved.get("approach", "from scratch") if saved is not None else "from scratch"
+    if donor is None and (saved is None or not list_checkpoints(run_dir / "checkpoints")):
+        # A new run of a model with published weights starts from them (a resumed one from its checkpoint).
+        pretrained = load_pretrained(prepared.model_name, network)
+        if pretrained is not None:
+            say(pretrained)
+            approach = f"fine-tuned from {prepared.model_name}'s published weights"
     if donor is not None:
+        if donor.task.modality != prepared.task.modality:
+            raise InputError(
+                f"--init {init}: that run learned from {donor.task.modality}, this data is "
+                f"{prepared.task.modality}; give a run of the same modality"
+            )
         transfer_weights(network, donor, prepared.task, Path(init))
+        kind = "pretrained without labels" if donor.task.name == "pretrain" else "transferred"
+        approach = f"{kind} in {Path(init).name}, then fine-tuned"
+    schedule = transfer_schedule(saved, approach != "from scratch", freeze_fraction, layer_decay)
     config = TrainConfig(
         epochs=settings.epochs, batch_size=prepared.batch_size, lr=settings.lr or prepared.lr,
         time_budget_s=settings.time_budget,
         seed=settings.seed, checkpoint_every_s=settings.checkpoint_every,
-        **({"patience": prepared.patience} if prepared.patience else {}),
+        **({"patience": prepared.patience} if prepared.patience else {}), **schedule,
     )  # fmt: skip
     run_config = {
         "format": FORMAT_VERSION, "layerwise_version": __version__, "task": prepared.task.name,
         **prepared.task.to_json(), "model": {"name": prepared.model_name, "config": prepared.model_config},
+        "approach": approach,
         "train": asdict(config), "data": prepared.data_summary,
     }  # fmt: skip
     checkpoint = None
@@ -170,7 +185,8 @@ def fit(
     summary = {
         "metrics": metrics,
         "baseline": baseline,
-        "verdict": prepared.task.verdict(metrics, baseline),
+        "approach": approach,
+        "verdict": prepared.task.verdict(metrics, baseline, approach),
         "split": prepared.extras.get("split", ""),
         "model": prepared.model_name, "parameters": n_params, "epochs_run": len(result.history),
         "best_epoch": result.best_epoch, "stop_reason": result.stop_reason, "steps": result.global_step,
@@ -294,6 +310,63 @@ def report_problems(problems: list[Problem], shown: int = 20) -> None:
         console.print(f"  ... and {len(problems) - shown} more (all listed in problems.json)")
 
 
+# Which runs may start which: the same task; a self-supervised `pretrain` run starts any task of its
+# modality; an image classifier's backbone starts a detector (the detector's feature extractor is a
+# registered classification backbone).
+DONOR_TASKS = {"detect": ("classify",)}
+TRANSFER_FREEZE_FRACTION = 0.1  # of the run, the transferred backbone stays fixed while the new head learns
+TRANSFER_LAYER_DECAY = 0.75  # each earlier stage learns at this fraction of the next one's rate
+
+
+def check_donor(donor: Model, task: str, init_run: Path) -> None:
+    if donor.task.name in (task, "pretrain", *DONOR_TASKS.get(task, ())):
+        return
+    raise InputError(
+        f"--init {init_run}: a {donor.task.name} run cannot start a {task} run (their networks share no "
+        f"backbone); give a {task} run, a `layerwise pretrain` run"
+        + "".join(f" or a {name} run" for name in DONOR_TASKS.get(task, ()))
+    )
+
+
+def transfer_schedule(
+    saved: dict | None, transferring: bool, freeze_fraction: float | None, layer_decay: float | None
+) -> dict[str, float]:
+    """freeze_fraction and layer_decay for TrainConfig: the saved ones on --resume (the schedule continues
+    exactly), the transfer defaults with --init, else none (or what the user asked for)."""
+    if saved is not None:
+        train_config = saved["train"]
+        return {k: train_config[k] for k in ("freeze_fraction", "layer_decay") if k in train_config}
+    defaults = (TRANSFER_FREEZE_FRACTION, TRANSFER_LAYER_DECAY) if transferring else (0.0, 1.0)
+    chosen = (
+        defaults[0] if freeze_fraction is None else freeze_fraction,
+        defaults[1] if layer_decay is None else layer_decay,
+    )
+    return {"freeze_fraction": chosen[0], "layer_decay": chosen[1]}
+
+
+def donor_tensor_names(network: torch.nn.Module, donor: torch.nn.Module) -> dict[str, str]:
+    """Donor tensor name -> this network's name for the same tensor: equal names, and inside stages of the
+    same name wherever they sit (a classifier's `stages.0.conv.weight` is a detector's
+    `backbone.stages.0.conv.weight`)."""
+    names = {name: name for name in donor.state_dict()}
+    own_prefix = module_prefixes(network)
+    for stage, prefix in module_prefixes(donor).items():
+        if stage in own_prefix and own_prefix[stage] != prefix:
+            for name in donor.state_dict():
+                if name.startswith(prefix + "."):
+                    names[name] = own_prefix[stage] + name[len(prefix) :]
+    return names
+
+
+def module_prefixes(network: torch.nn.Module) -> dict[str, str]:
+    """Stage name -> the stage module's path in the network (for models with `named_stages`)."""
+    named_stages = getattr(network, "named_stages", None)
+    if named_stages is None:
+        return {}
+    paths = {id(module): path for path, module in network.named_modules()}
+    return {name: paths[id(module)] for name, module in named_stages() if id(module) in paths}
+
+
 def transfer_weights(network: torch.nn.Module, donor: Model, own_task, init_run: Path) -> None:
     """Start from another run's weights wherever names and shapes match (the head usually won't).
 
@@ -301,7 +374,14 @@ def transfer_weights(network: torch.nn.Module, donor: Model, own_task, init_run:
     vocabularies mean different tokens even when the shapes agree.
     """
     own = network.state_dict()
-    matched = {k: v for k, v in donor.network.state_dict().items() if k in own and own[k].shape == v.shape}
+    renamed = donor_tensor_names(network, donor.network)
+    matched, differ = {}, []
+    for name, tensor in donor.network.state_dict().items():
+        target = renamed[name]
+        if target in own and own[target].shape == tensor.shape:
+            matched[target] = tensor
+        elif target in own:
+            differ.append(f"{target} {tuple(tensor.shape)} there, {tuple(own[target].shape)} here")
     donor_vocab = donor.config["model"]["config"].get("vocab_size")
     if donor_vocab is not None and tokenizer_of(donor.task) != tokenizer_of(own_task):
         tables = sorted(k for k, v in matched.items() if v.ndim == 2 and v.shape[0] == donor_vocab)
@@ -309,10 +389,19 @@ def transfer_weights(network: torch.nn.Module, donor: Model, own_task, init_run:
             del matched[name]
         if tables:
             say(f"--init: not copying {', '.join(tables)}: the two runs have different tokenizers")
-    if not matched:
-        raise InputError(f"--init {init_run}: no tensor of that model fits this one")
+    # Counters such as BatchNorm's num_batches_tracked are copied along but carry no features of their own.
+    if not any(tensor.is_floating_point() for tensor in matched.values()):
+        shapes = f"; shapes differ: {'; '.join(differ[:3])}" + (
+            f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+        )
+        raise InputError(
+            f"--init {init_run}: no tensor of that run's {donor.config['model']['name']} fits this "
+            f"{network.__class__.__name__}" + (shapes if differ else " (no tensor names in common)")
+        )
     network.load_state_dict(matched, strict=False)
     say(f"initialised {len(matched)}/{len(own)} tensors from {init_run}")
+    if differ:
+        say(f"--init: {len(differ)} tensor(s) of equal name but different shape start fresh, e.g. {differ[0]}")
 
 
 def tokenizer_of(task) -> str | None:

@@ -47,24 +47,25 @@ def fit_baseline(modality: str, train_x, train_y: np.ndarray, val_x, val_y: np.n
     }
 
 
-def verdict(deep: float, classical: float | None, metric: str = "", show=lambda v: f"{v:.1%}") -> str:
-    """One plain sentence on whether deep learning paid off here, for a score in [0, 1] where higher is better.
+def verdict(
+    deep: float, classical: float | None, metric: str = "", show=lambda v: f"{v:.1%}", approach: str = "from scratch"
+) -> str:
+    """One plain sentence on which approach won here and by how much, for a score in [0, 1] where higher is better.
 
-    `metric` names the score in the sentence (e.g. "mAP@0.5 "); `show` formats a value.
+    `metric` names the score in the sentence (e.g. "mAP@0.5 "); `show` formats a value; `approach` says how the
+    deep model started (see `api.approach`).
     """
+    model = f"deep model ({approach})"
     if classical is None:
         return "No classical baseline could be fitted."
     gap = (deep - classical) * 100
     if gap <= 0:
         return (
-            f"The classical baseline wins: {metric}{show(classical)} vs {show(deep)} for the deep model. "
+            f"The classical baseline wins: {metric}{show(classical)} vs {show(deep)} for the {model}. "
             "Deep learning is not worth it on this data as it stands."
         )
     if gap < 1:
         return (
-            f"The deep model is only {gap:.1f} {metric}points ahead of the classical baseline; "
-            "the simpler model may do."
+            f"The {model} is only {gap:.1f} {metric}points ahead of the classical baseline; the simpler model may do."
         )
-    return (
-        f"The deep model beats the classical baseline by {gap:.1f} {metric}points ({show(deep)} vs {show(classical)})."
-    )
+    return f"The {model} beats the classical baseline by {gap:.1f} {metric}points ({show(deep)} vs {show(classical)})."

@@ -39,6 +39,11 @@ class Model:
     def require(self, command: str) -> None:
         """Refuse, with one clear line, a command this run's task does not answer."""
         if command not in self.task.commands:
+            if not self.task.commands:  # a run that is only a starting point (a pretrain run)
+                raise InputError(
+                    f"`layerwise {command}` does not apply to a {self.task.name} run; start a run from it: "
+                    "layerwise train DATA --out RUN --init THIS_RUN"
+                )
             answered = ", ".join(sorted(self.task.commands))
             raise InputError(f"`layerwise {command}` does not apply to a {self.task.name} run (it answers: {answered})")
 

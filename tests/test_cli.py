@@ -141,3 +141,7 @@ def test_init_from_another_run_transfers_weights(cli, fashion_run, fashion_train
     # Started from the trained run, the first epoch's loss is far below a fresh start's (see test_run_integrity).
     first = json.loads((tmp_path / "t" / "history.jsonl").read_text().splitlines()[0])
     assert first["train_accuracy"] > 0.6
+    summary = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    assert summary["approach"] == f"transferred in {fashion_run.name}, then fine-tuned"
+    assert summary["approach"] in summary["verdict"]  # the one sentence says which approach won
+    assert json.loads((tmp_path / "t" / "config.json").read_text())["train"]["freeze_fraction"] > 0

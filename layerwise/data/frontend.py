@@ -9,6 +9,8 @@ import torch
 
 from layerwise.data.audio import AudioFrontEnd
 from layerwise.data.image import ImageFrontEnd
+from layerwise.data.pretrained_text import FRONT_END_NAME as PRETRAINED_TEXT
+from layerwise.data.pretrained_text import PretrainedTextFrontEnd
 from layerwise.data.sources import Example, Problem
 from layerwise.data.text import TextFrontEnd
 
@@ -43,6 +45,8 @@ class FrontEnd(Protocol):
 
 
 FRONT_ENDS = {"image": ImageFrontEnd, "audio": AudioFrontEnd, "text": TextFrontEnd}
+# Front ends that come with a pretrained model rather than being fitted to the data; config.json names them.
+NAMED_FRONT_ENDS = {PRETRAINED_TEXT: PretrainedTextFrontEnd}
 
 
 def fit_frontend(modality: str, train_examples: list[Example]) -> FrontEnd:
@@ -51,4 +55,5 @@ def fit_frontend(modality: str, train_examples: list[Example]) -> FrontEnd:
 
 
 def frontend_from_json(config: dict) -> FrontEnd:
-    return FRONT_ENDS[config["modality"]].from_json(config)
+    named = NAMED_FRONT_ENDS.get(config.get("front_end", ""))
+    return (named or FRONT_ENDS[config["modality"]]).from_json(config)

@@ -13,6 +13,7 @@ from layerwise.tasks.classify import ClassifyTask
 from layerwise.tasks.detect import DetectTask
 from layerwise.tasks.fold import FoldTask
 from layerwise.tasks.generate import GenerateTask
+from layerwise.tasks.pretrain import PretrainTask
 from layerwise.tasks.transcribe import TranscribeTask
 
 # Tried in this order by detect_task: a detection folder (images + annotations), a folder of protein
@@ -20,6 +21,8 @@ from layerwise.tasks.transcribe import TranscribeTask
 TASKS: dict[str, type] = {
     "classify": ClassifyTask, "detect": DetectTask, "fold": FoldTask, "transcribe": TranscribeTask,
     "generate": GenerateTask,
+    # Never detected (it has no `claims`) and never trained by `train`: `layerwise pretrain` writes its runs.
+    "pretrain": PretrainTask,
 }  # fmt: skip
 
 

@@ -77,8 +77,9 @@ class Task(Objective, Protocol):
         """The honest classical model on the same split, scored with the same metric."""
         ...
 
-    def verdict(self, metrics: dict, baseline: dict) -> str:
-        """One plain sentence: did deep learning pay off here?"""
+    def verdict(self, metrics: dict, baseline: dict, approach: str = "from scratch") -> str:
+        """One plain sentence: which approach won here (the deep model, started as `approach` says, or the
+        classical baseline), and by how much?"""
         ...
 
     def summary_rows(self, summary: dict) -> list[tuple[str, str]]:

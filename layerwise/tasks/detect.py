@@ -236,10 +236,12 @@ class DetectTask:
             "seconds": round(time.perf_counter() - started, 1),
         }
 
-    def verdict(self, metrics: dict, baseline: dict) -> str:
+    def verdict(self, metrics: dict, baseline: dict, approach: str = "from scratch") -> str:
         from layerwise.baseline import verdict
 
-        return verdict(metrics["map_50"], baseline.get("map_50"), metric="mAP@0.5 ", show=lambda v: f"{v:.3f}")
+        return verdict(
+            metrics["map_50"], baseline.get("map_50"), metric="mAP@0.5 ", show=lambda v: f"{v:.3f}", approach=approach
+        )
 
     def summary_rows(self, summary: dict) -> list[tuple[str, str]]:
         return result_rows(summary, "map_50", lambda v: f"mAP@0.5 {v:.3f}")

@@ -198,12 +198,18 @@ class FoldTask:
     def baseline(self, prepared: Prepared, seed: int) -> dict:
         return baseline_scores(self.templates, prepared.extras["val"])
 
-    def verdict(self, metrics: dict, baseline: dict) -> str:
+    def verdict(self, metrics: dict, baseline: dict, approach: str = "from scratch") -> str:
         from layerwise.baseline import verdict
 
         best = max(("template", "helix"), key=lambda name: baseline[name]["lddt_ca"])
         return (
-            verdict(metrics["lddt_ca"], baseline[best]["lddt_ca"], metric="lDDT-Cα ", show=lambda v: f"{v:.3f}")
+            verdict(
+                metrics["lddt_ca"],
+                baseline[best]["lddt_ca"],
+                metric="lDDT-Cα ",
+                show=lambda v: f"{v:.3f}",
+                approach=approach,
+            )
             + f" (the best baseline here is the {BASELINE_NAMES[best]})"
         )
 

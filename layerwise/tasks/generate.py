@@ -253,20 +253,23 @@ class GenerateTask:
             "seconds": round(time.perf_counter() - started, 2),
         }
 
-    def verdict(self, metrics: dict, baseline: dict) -> str:
+    def verdict(self, metrics: dict, baseline: dict, approach: str = "from scratch") -> str:
         deep, classical = metrics["bits_per_byte"], baseline.get("bits_per_byte")
         if classical is None:
             return "No classical baseline could be fitted."
         change = (classical - deep) / classical
         if change <= 0:
             return (
-                f"The n-gram baseline wins: {classical:.3f} vs {deep:.3f} bits per byte for the network. "
+                f"The n-gram baseline wins: {classical:.3f} vs {deep:.3f} bits per byte for the network ({approach}). "
                 "Deep learning is not worth it on this text as it stands (more text or training time may change that)."
             )
         if change < 0.01:
-            return f"The network is only {change:.1%} better than the n-gram baseline; the simpler model may do."
+            return (
+                f"The network ({approach}) is only {change:.1%} better than the n-gram baseline; "
+                "the simpler model may do."
+            )
         return (
-            f"The network beats the n-gram baseline: {deep:.3f} vs {classical:.3f} bits per byte "
+            f"The network ({approach}) beats the n-gram baseline: {deep:.3f} vs {classical:.3f} bits per byte "
             f"({change:.0%} fewer bits to encode the held-out text)."
         )
 

@@ -257,7 +257,7 @@ class TranscribeTask:
             has_languages=bool(self.alphabet.languages),
         )
 
-    def verdict(self, metrics: dict, baseline: dict) -> str:
+    def verdict(self, metrics: dict, baseline: dict, approach: str = "from scratch") -> str:
         from layerwise.baseline import verdict
 
         headline = f"The network's WER is {metrics['wer']:.1%} (CER {metrics['cer']:.1%}) on held-out clips."
@@ -268,6 +268,7 @@ class TranscribeTask:
             1 - baseline["wer"],
             metric="word accuracy (1 − WER) ",
             show=lambda v: f"{v:.1%}",
+            approach=approach,
         )
 
     def summary_rows(self, summary: dict) -> list[tuple[str, str]]:

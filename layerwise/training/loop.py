@@ -52,6 +52,11 @@ class TrainConfig:
     mixed_precision: bool = True  # bf16 autocast where the hardware supports it
     checkpoint_every_s: float = 300.0  # also checkpoint mid-epoch at most this often
     device: str = "auto"
+    # Transfer learning (--init): the backbone's stages (`named_stages()`) stay fixed for this fraction of the
+    # run while the new head learns, then re-warm up; each stage further from the head learns at
+    # `layer_decay` times the rate of the stage after it (earlier layers hold the more general features).
+    freeze_fraction: float = 0.0
+    layer_decay: float = 1.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -62,6 +67,10 @@ class TrainConfig:
             raise InputError(f"--time-budget must be positive, not {self.time_budget_s}")
         if not 0 <= self.warmup_fraction < 1:
             raise InputError(f"warmup fraction must be in [0, 1), not {self.warmup_fraction}")
+        if not 0 <= self.freeze_fraction < 1:
+            raise InputError(f"--freeze-fraction must be in [0, 1), not {self.freeze_fraction}")
+        if not 0 < self.layer_decay <= 1:
+            raise InputError(f"--layer-decay must be in (0, 1], not {self.layer_decay}")
 
 
 STOP_EPOCHS, STOP_TIME_BUDGET, STOP_EARLY = "epochs", "time_budget", "early_stopping"
@@ -130,14 +139,47 @@ def learning_rate(config: TrainConfig, progress: float) -> float:
     return config.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, decay))))
 
 
+def stage_depths(model: nn.Module) -> dict[str, int]:
+    """Parameter name -> how many stages lie between its stage and the head (1 = the last stage).
+
+    Parameters outside `named_stages()` (the head, final norms) are absent: they learn at the full rate.
+    """
+    named_stages = getattr(model, "named_stages", None)
+    stages = named_stages() if named_stages is not None else []
+    owner = {id(param): len(stages) - i for i, (_, stage) in enumerate(stages) for param in stage.parameters()}
+    return {name: owner[id(param)] for name, param in model.named_parameters() if id(param) in owner}
+
+
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; biases, norms and embeddings (1-D or position tables) get no weight decay."""
-    decay, no_decay = [], []
+    """AdamW; biases, norms and embeddings (1-D or position tables) get no weight decay.
+
+    One group per (stage, decay or not): a group's `lr_scale` is the layer-wise decay of its stage and
+    `backbone` marks the stages that a transfer schedule freezes first (see `group_learning_rate`).
+    """
+    depths = stage_depths(model) if config.freeze_fraction > 0 or config.layer_decay < 1 else {}
+    groups: dict[tuple[int, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if param.ndim <= 1 or "positions" in name or "embed" in name else decay).append(param)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.99), fused=False)
+            no_decay = param.ndim <= 1 or "positions" in name or "embed" in name
+            groups.setdefault((depths.get(name, 0), no_decay), []).append(param)
+    param_groups = [
+        {
+            "params": params, "weight_decay": 0.0 if no_decay else config.weight_decay,
+            "lr_scale": config.layer_decay**depth, "backbone": depth > 0,
+        }
+        for (depth, no_decay), params in sorted(groups.items())
+    ]  # fmt: skip
+    return torch.optim.AdamW(param_groups, lr=config.lr, betas=(0.9, 0.99), fused=False)
+
+
+def group_learning_rate(config: TrainConfig, group: dict, lr: float, progress: float) -> float:
+    """A group's rate at `progress`: zero for the backbone while frozen, then a linear re-warmup over the
+    schedule's warmup length (a jump to the full rate would wreck the transferred features), times its decay."""
+    scale = group.get("lr_scale", 1.0)
+    if group.get("backbone") and config.freeze_fraction > 0:
+        thawed = (progress - config.freeze_fraction) / max(config.warmup_fraction, 1e-9)
+        scale *= min(1.0, max(0.0, thawed))
+    return lr * scale
 
 
 def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
@@ -279,7 +321,7 @@ def train(
                     progress_fraction = max(progress_fraction, elapsed() / config.time_budget_s)
                 state.lr = state.lr_scale * learning_rate(config, progress_fraction)
                 for group in optimizer.param_groups:
-                    group["lr"] = state.lr
+                    group["lr"] = group_learning_rate(config, group, state.lr, progress_fraction)
                 x, y = to_device(x, device, channels_last), to_device(y, device)
                 with autocast_for(device, config.mixed_precision):
                     loss, stats = objective.loss(model, x, y)
