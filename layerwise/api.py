@@ -118,7 +118,7 @@ def fit(
     task_type = task_class(settings.task or detect_task(Path(data)))
     donor = load(init) if init is not None else None
     if donor is not None:
-        check_donor(donor, task_type.name, Path(init))
+        check_donor(donor, task_type, Path(init))
     options = FitOptions(
         settings.modality, settings.model, settings.seed, settings.val_fraction, settings.batch_size,
         settings.time_budget,
@@ -140,7 +140,7 @@ def fit(
                 f"{prepared.task.modality}; give a run of the same modality"
             )
         transfer_weights(network, donor, prepared.task, Path(init))
-        kind = "pretrained without labels" if donor.task.name == "pretrain" else "transferred"
+        kind = getattr(donor.task, "transfer_kind", "transferred")
         approach = f"{kind} in {Path(init).name}, then fine-tuned"
     schedule = transfer_schedule(saved, approach != "from scratch", freeze_fraction, layer_decay)
     config = TrainConfig(
@@ -310,21 +310,19 @@ def report_problems(problems: list[Problem], shown: int = 20) -> None:
         console.print(f"  ... and {len(problems) - shown} more (all listed in problems.json)")
 
 
-# Which runs may start which: the same task; a self-supervised `pretrain` run starts any task of its
-# modality; an image classifier's backbone starts a detector (the detector's feature extractor is a
-# registered classification backbone).
-DONOR_TASKS = {"detect": ("classify",)}
 TRANSFER_FREEZE_FRACTION = 0.1  # of the run, the transferred backbone stays fixed while the new head learns
 TRANSFER_LAYER_DECAY = 0.75  # each earlier stage learns at this fraction of the next one's rate
 
 
-def check_donor(donor: Model, task: str, init_run: Path) -> None:
-    if donor.task.name in (task, "pretrain", *DONOR_TASKS.get(task, ())):
+def check_donor(donor: Model, task_type: type, init_run: Path) -> None:
+    """Which runs may start which: one of the same task, a run whose task starts any task of its modality
+    (`layerwise pretrain`), or one of the tasks the task names in `init_from` (detect: an image classifier)."""
+    accepted = (task_type.name, *getattr(task_type, "init_from", ()))
+    if donor.task.name in accepted or getattr(donor.task, "starts_any_task", False):
         return
     raise InputError(
-        f"--init {init_run}: a {donor.task.name} run cannot start a {task} run (their networks share no "
-        f"backbone); give a {task} run, a `layerwise pretrain` run"
-        + "".join(f" or a {name} run" for name in DONOR_TASKS.get(task, ()))
+        f"--init {init_run}: a {donor.task.name} run cannot start a {task_type.name} run (their networks share "
+        f"no backbone); give a {' or '.join(accepted)} run, or a `layerwise pretrain` run"
     )
 
 
@@ -334,6 +332,8 @@ def transfer_schedule(
     """freeze_fraction and layer_decay for TrainConfig: the saved ones on --resume (the schedule continues
     exactly), the transfer defaults with --init, else none (or what the user asked for)."""
     if saved is not None:
+        if freeze_fraction is not None or layer_decay is not None:
+            say("note: --freeze-fraction and --layer-decay are ignored on --resume; the run keeps its schedule")
         train_config = saved["train"]
         return {k: train_config[k] for k in ("freeze_fraction", "layer_decay") if k in train_config}
     defaults = (TRANSFER_FREEZE_FRACTION, TRANSFER_LAYER_DECAY) if transferring else (0.0, 1.0)

@@ -230,6 +230,11 @@ def learning_curve(
     subsets = nested_subsets(prepared.extras["train_labels"], FRACTIONS, settings.seed)
     check_distinct(subsets, prepared, data)
     points = previous["points"] if previous else []
+    if previous and previous.get("model") not in (None, prepared.model_name):
+        raise InputError(
+            f"--resume: the curve in {out_dir} trained {previous['model']}, this one would train "
+            f"{prepared.model_name}; resume with --model {previous['model']}, or --overwrite"
+        )
     if previous and previous["data"]["fingerprint"] != prepared.data_summary["fingerprint"]:
         raise InputError(
             f"--resume: {data} no longer matches the curve in {out_dir} (its usable examples or split differ); "
@@ -286,10 +291,10 @@ def check_classification(data: Path) -> None:
 def train_point(prepared, index: torch.Tensor, fraction: float, settings: CurveSettings, budget: float,
                 show_progress: bool, log, done: int) -> dict:  # fmt: skip
     """Train a fresh network and fit the classical baseline on the training examples `index`; score both."""
-    from layerwise.api import seed_everything
+    from layerwise.api import seed_everything, transfer_schedule
     from layerwise.baseline import fit_baseline
     from layerwise.data.batches import TensorBatches
-    from layerwise.models.registry import create_model
+    from layerwise.models.registry import create_model, load_pretrained
     from layerwise.runtime import predict_logits
     from layerwise.tasks.base import default_batch_size
     from layerwise.tasks.classify import classification_metrics
@@ -300,12 +305,16 @@ def train_point(prepared, index: torch.Tensor, fraction: float, settings: CurveS
     inputs, labels = extras["train_inputs"][index], extras["train_labels"][index]
     seed_everything(settings.seed)  # the same initialisation for every point, whatever ran before
     network = create_model(prepared.model_name, **prepared.model_config)
+    published = load_pretrained(prepared.model_name, network)  # e.g. minilm_l6, timm:NAME: as `fit` starts them
+    if published is not None:
+        log(published)
     batch = default_batch_size(len(index))  # small subsets still take several steps an epoch
     batches = TensorBatches(inputs, labels, batch, frontend.model_input, frontend.augment, shuffle=True,
                             seed=settings.seed)  # fmt: skip
     config = TrainConfig(
         epochs=settings.epochs, batch_size=batch, lr=prepared.lr, time_budget_s=budget, seed=settings.seed,
         **({"patience": prepared.patience} if prepared.patience else {}),
+        **transfer_schedule(None, published is not None, None, None),
     )  # fmt: skip
     try:
         result = train(network, batches, prepared.val_batches, config, show_progress=show_progress, log=log,

@@ -59,6 +59,7 @@ def trained_parameters(freeze_fraction: float) -> set[str]:
     batches = TensorBatches(images, labels, 16, lambda x: x, shuffle=True, seed=0)
     config = TrainConfig(epochs=1, batch_size=16, warmup_fraction=0.0, freeze_fraction=freeze_fraction)
     train(model, batches, batches, config, show_progress=False, log=lambda _: None)
+    assert all(p.requires_grad for p in model.parameters())  # thawed again whatever the schedule
     return {name for name, p in model.named_parameters() if not torch.equal(before[name], p.detach())}
 
 
@@ -89,7 +90,9 @@ def test_an_image_classifier_backbone_starts_a_detector(fashion_run) -> None:
     assert stage_tensors
     for name in stage_tensors:
         assert torch.equal(own["fcos.backbone." + name], donor_network.state_dict()[name]), name
-    check_donor(donor, "detect", fashion_run)  # classify -> detect is allowed
+    from layerwise.tasks import task_class
+
+    check_donor(donor, task_class("detect"), fashion_run)  # classify -> detect is allowed
 
 
 def test_no_fitting_tensor_names_the_shapes_that_differ(fashion_run) -> None:
@@ -110,8 +113,10 @@ def test_init_from_another_modality_or_an_unrelated_task_is_refused(cli, fortune
     assert "learned from text" in err and "image" in err
     assert not (tmp_path / "r" / "model.safetensors").exists()
     donor = layerwise.load(fortunes_run)
+    from layerwise.tasks import task_class
+
     with pytest.raises(InputError, match="cannot start a fold run"):
-        check_donor(donor, "fold", fortunes_run)
+        check_donor(donor, task_class("fold"), fortunes_run)
 
 
 def test_the_verdict_names_the_approach_that_won() -> None:
@@ -121,3 +126,10 @@ def test_the_verdict_names_the_approach_that_won() -> None:
         0.9, 0.8, approach="pretrained without labels in p, then fine-tuned"
     )
     assert verdict(0.7, 0.8).startswith("The classical baseline wins") and "(from scratch)" in verdict(0.7, 0.8)
+
+
+def test_a_stem_left_out_of_the_stages_counts_as_the_earliest_layer() -> None:
+    model = layerwise.create_model("timm:resnet18", in_channels=3, num_classes=2)  # timm's stages start at layer1
+    depths = stage_depths(model)
+    assert depths["body.conv1.weight"] == max(depths.values()) == len(model.named_stages()) + 1
+    assert "body.fc.weight" not in depths

@@ -71,6 +71,10 @@ class HubClassifier(nn.Module):
     def __init__(self, body: nn.Module, source: str, stages: list[tuple[str, nn.Module]]) -> None:
         super().__init__()
         self.body, self.source = body, source
+        first = (
+            body.classifier[0] if hasattr(body, "classifier") and isinstance(body.classifier, nn.Sequential) else None
+        )
+        self.classifier_takes_maps = first is not None and type(first).__name__ == "LayerNorm2d"  # ConvNeXt
         self._stages = stages  # modules of `body`, listed (not registered twice)
 
     def named_stages(self) -> list[tuple[str, nn.Module]]:
@@ -89,11 +93,16 @@ class HubClassifier(nn.Module):
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.source == "timm":
             return self.body.forward_head(features, pre_logits=pre_logits)
-        pooled = torch.flatten(F.adaptive_avg_pool2d(features, 1), 1)
         if pre_logits:
-            return pooled
-        head = self.body.fc if hasattr(self.body, "fc") else self.body.classifier
-        return head(pooled)
+            return torch.flatten(F.adaptive_avg_pool2d(features, 1), 1)
+        if hasattr(self.body, "fc"):  # ResNet layout
+            return self.body.fc(torch.flatten(self.body.avgpool(features), 1))
+        # torchvision's own order: its pooling (VGG's keeps 7x7), then flattened, except for ConvNeXt, whose
+        # classifier starts with a LayerNorm2d over the pooled map and flattens itself.
+        pooled = self.body.avgpool(features)
+        if not self.classifier_takes_maps:
+            pooled = torch.flatten(pooled, 1)
+        return self.body.classifier(pooled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

@@ -80,6 +80,7 @@ class DetectTask:
 
     name = "detect"
     modality = "image"
+    init_from = ("classify",)  # `--init` also takes an image classifier: its backbone stages become ours
     monitor = "map_50"
     higher_is_better = True
     commands = frozenset({"detect", "predict", "evaluate", "explain"})

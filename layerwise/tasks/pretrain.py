@@ -38,6 +38,8 @@ class PretrainTask:
 
     name = "pretrain"
     commands: frozenset[str] = frozenset()  # nothing answers for it: it is the start of another run (--init)
+    starts_any_task = True  # `train --init` accepts it for every task of its modality
+    transfer_kind = "pretrained without labels"  # how the approach of a run it started is named
     monitor = "loss"
     higher_is_better = False
 

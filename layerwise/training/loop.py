@@ -142,12 +142,21 @@ def learning_rate(config: TrainConfig, progress: float) -> float:
 def stage_depths(model: nn.Module) -> dict[str, int]:
     """Parameter name -> how many stages lie between its stage and the head (1 = the last stage).
 
-    Parameters outside `named_stages()` (the head, final norms) are absent: they learn at the full rate.
+    Parameters registered before the first stage (a stem that `named_stages()` leaves out, as timm's feature
+    stages do) count as the earliest layer. Those after (the head, final norms) are absent: they learn at the
+    full rate.
     """
     named_stages = getattr(model, "named_stages", None)
     stages = named_stages() if named_stages is not None else []
     owner = {id(param): len(stages) - i for i, (_, stage) in enumerate(stages) for param in stage.parameters()}
-    return {name: owner[id(param)] for name, param in model.named_parameters() if id(param) in owner}
+    depths, seen_stage = {}, False
+    for name, param in model.named_parameters():
+        seen_stage = seen_stage or id(param) in owner
+        if id(param) in owner:
+            depths[name] = owner[id(param)]
+        elif not seen_stage:
+            depths[name] = len(stages) + 1
+    return depths
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -170,6 +179,13 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
         for (depth, no_decay), params in sorted(groups.items())
     ]  # fmt: skip
     return torch.optim.AdamW(param_groups, lr=config.lr, betas=(0.9, 0.99), fused=False)
+
+
+def set_backbone_frozen(optimizer: torch.optim.Optimizer, frozen: bool) -> None:
+    for group in optimizer.param_groups:
+        if group.get("backbone"):
+            for param in group["params"]:
+                param.requires_grad_(not frozen)
 
 
 def group_learning_rate(config: TrainConfig, group: dict, lr: float, progress: float) -> float:
@@ -300,6 +316,7 @@ def train(
 
     last_good = snapshot()  # rolled back to after repeated non-finite steps
     bad_steps = 0
+    backbone_frozen = False
     last_checkpoint = time.perf_counter()
     with _stop_requests() as stop_requests, _progress(show_progress) as progress:
         bar = progress.add_task("train", total=total_steps, completed=state.global_step, **_bar_fields(state, 0.0, "-"))
@@ -320,6 +337,10 @@ def train(
                 if config.time_budget_s:  # finish the schedule when the budget runs out
                     progress_fraction = max(progress_fraction, elapsed() / config.time_budget_s)
                 state.lr = state.lr_scale * learning_rate(config, progress_fraction)
+                frozen = progress_fraction < config.freeze_fraction
+                if frozen != backbone_frozen:  # no gradients for a frozen backbone: no backward cost, no clipping share
+                    set_backbone_frozen(optimizer, frozen)
+                    backbone_frozen = frozen
                 for group in optimizer.param_groups:
                     group["lr"] = group_learning_rate(config, group, state.lr, progress_fraction)
                 x, y = to_device(x, device, channels_last), to_device(y, device)
@@ -398,6 +419,7 @@ def train(
             if stop_requests:  # Ctrl-C during validation: the epoch is complete and checkpointed
                 raise TrainingInterrupted(f"stopped by signal after epoch {state.epoch}; checkpoint written")
 
+    set_backbone_frozen(optimizer, False)
     model.load_state_dict(best_weights)
     return TrainResult(
         state.history, state.best_epoch, state.best_score, state.stop_reason, elapsed(), state.global_step
