@@ -16,8 +16,8 @@ import torch
 from scipy import sparse
 from tokenizers import Tokenizer, processors
 
-from layerwise.data.sources import Example, Problem
-from layerwise.data.text import TOKEN_MASK_PROBABILITY, read_text
+from layerwise.data.sources import Example
+from layerwise.data.text import TOKEN_MASK_PROBABILITY, TokenIds, read_text
 from layerwise.errors import DecodeError
 
 FRONT_END_NAME = "pretrained_wordpiece"  # config.json "preprocessing"."front_end": how frontend_from_json finds us
@@ -41,7 +41,7 @@ class PretrainedTextPreprocessing:
         }  # fmt: skip
 
 
-class PretrainedTextFrontEnd:
+class PretrainedTextFrontEnd(TokenIds):
     """Texts -> int64 token ids (N, max_len) in the encoder's vocabulary: [CLS] text [SEP], then [PAD]."""
 
     modality = "text"
@@ -88,29 +88,6 @@ class PretrainedTextFrontEnd:
     @property
     def model_inputs(self) -> dict:
         return {"vocab_size": self.tokenizer.get_vocab_size(), "max_len": self.prep.max_len}
-
-    def decode_all(self, examples: list[Example]) -> tuple[torch.Tensor, list[int], list[Problem]]:
-        """Decode every example; returns int64 token ids (N_ok, max_len), kept indices, problems."""
-        texts, kept, problems = self.decode_raw(examples)
-        return self.encode_raw(texts), kept, problems
-
-    def decode_raw(self, examples: list[Example]) -> tuple[list[str], list[int], list[Problem]]:
-        """The texts before tokenisation, the kept indices, and problems."""
-        texts, kept, problems = [], [], []
-        for i, example in enumerate(examples):
-            try:
-                texts.append(read_text(example))
-                kept.append(i)
-            except DecodeError as err:
-                problems.append(Problem(example.origin, str(err)))
-            except OSError as err:
-                problems.append(Problem(example.origin, f"cannot read: {err.strerror}"))
-        return texts, kept, problems
-
-    def encode_raw(self, raw: list[str]) -> torch.Tensor:
-        """Texts -> int64 token ids (N, max_len), as cached."""
-        ids = [e.ids for e in self.tokenizer.encode_batch(raw)]
-        return torch.tensor(ids, dtype=torch.int64) if ids else torch.zeros((0, self.prep.max_len), dtype=torch.int64)
 
     def fit_statistics(self, train_inputs: torch.Tensor) -> None:
         """Nothing to fit: the tokenizer came with the weights."""

@@ -76,7 +76,34 @@ class TextPreprocessing:
         return {"modality": "text", "max_len": self.max_len, "tokenizer": json.loads(self.tokenizer_json)}
 
 
-class TextFrontEnd:
+class TokenIds:
+    """Reading and tokenising texts, for a front end with a padding, truncating `tokenizer` and `prep.max_len`."""
+
+    def decode_all(self, examples: list[Example]) -> tuple[torch.Tensor, list[int], list[Problem]]:
+        """Decode every example; returns int64 token ids (N_ok, max_len), kept indices, problems."""
+        texts, kept, problems = self.decode_raw(examples)
+        return self.encode_raw(texts), kept, problems
+
+    def decode_raw(self, examples: list[Example]) -> tuple[list[str], list[int], list[Problem]]:
+        """The texts before tokenisation, the kept indices, and problems."""
+        texts, kept, problems = [], [], []
+        for i, example in enumerate(examples):
+            try:
+                texts.append(read_text(example))
+                kept.append(i)
+            except DecodeError as err:
+                problems.append(Problem(example.origin, str(err)))
+            except OSError as err:
+                problems.append(Problem(example.origin, f"cannot read: {err.strerror}"))
+        return texts, kept, problems
+
+    def encode_raw(self, raw: list[str]) -> torch.Tensor:
+        """Texts -> int64 token ids (N, max_len), as cached."""
+        ids = [e.ids for e in self.tokenizer.encode_batch(raw)]
+        return torch.tensor(ids, dtype=torch.int64) if ids else torch.zeros((0, self.prep.max_len), dtype=torch.int64)
+
+
+class TextFrontEnd(TokenIds):
     """Texts -> int64 token ids (N, max_len), [CLS] first, [PAD] after the end."""
 
     modality = "text"
@@ -110,29 +137,6 @@ class TextFrontEnd:
     @property
     def model_inputs(self) -> dict:
         return {"vocab_size": self.tokenizer.get_vocab_size(), "max_len": self.prep.max_len}
-
-    def decode_all(self, examples: list[Example]) -> tuple[torch.Tensor, list[int], list[Problem]]:
-        """Decode every example; returns int64 token ids (N_ok, max_len), kept indices, problems."""
-        texts, kept, problems = self.decode_raw(examples)
-        return self.encode_raw(texts), kept, problems
-
-    def decode_raw(self, examples: list[Example]) -> tuple[list[str], list[int], list[Problem]]:
-        """The texts before tokenisation, the kept indices, and problems."""
-        texts, kept, problems = [], [], []
-        for i, example in enumerate(examples):
-            try:
-                texts.append(read_text(example))
-                kept.append(i)
-            except DecodeError as err:
-                problems.append(Problem(example.origin, str(err)))
-            except OSError as err:
-                problems.append(Problem(example.origin, f"cannot read: {err.strerror}"))
-        return texts, kept, problems
-
-    def encode_raw(self, raw: list[str]) -> torch.Tensor:
-        """Texts -> int64 token ids (N, max_len), as cached."""
-        ids = [e.ids for e in self.tokenizer.encode_batch(raw)]
-        return torch.tensor(ids, dtype=torch.int64) if ids else torch.zeros((0, self.prep.max_len), dtype=torch.int64)
 
     def fit_statistics(self, train_inputs: torch.Tensor) -> None:
         """Nothing to fit: the tokenizer was trained in fit()."""
