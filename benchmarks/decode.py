@@ -44,7 +44,7 @@ from layerwise.data.datasets import prepare_fashion_mnist
 from layerwise.data.image import ImageFrontEnd
 from layerwise.data.sources import Example, discover
 from layerwise.models import create_model
-from layerwise.runtime import autocast_for
+from layerwise.runtime import autocast_to, resolve_precision
 from layerwise.training.loop import TrainConfig, make_optimizer, prepare_model
 
 AUGMENT_BATCH = 256  # images per `augment` call, as in training
@@ -105,7 +105,7 @@ def make_train_step(frontend: ImageFrontEnd, images: torch.Tensor) -> Callable[[
     x = frontend.model_input(images[:TRAIN_BATCH]).contiguous(memory_format=torch.channels_last)
 
     def step() -> None:
-        with autocast_for(device, config.mixed_precision):
+        with autocast_to(device, resolve_precision(config.precision, device)):
             loss = loss_fn(model(x).float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

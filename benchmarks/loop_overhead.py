@@ -7,7 +7,7 @@ real Fashion-MNIST images held in memory as uint8 (N, 1, 28, 28):
              by default, no augmentation, `out_dir=None`, no progress bar, patience never reached,
              a tiny validation set.
   bare       a hand-written loop doing the same work: same batch size, same AdamW (layerwise's
-             `make_optimizer`), same loss, `autocast_for` + `prepare_model`, the same number of
+             `make_optimizer`), same loss, `autocast_to` + `prepare_model`, the same number of
              optimizer steps and the same per-epoch validation pass. It does NOT clip gradients,
              update the learning rate, check for NaN or read the loss back each step: those are
              the loop's overhead we want to see.
@@ -55,7 +55,7 @@ from layerwise.data.datasets import (
 )
 from layerwise.data.image import ImageFrontEnd, ImagePreprocessing
 from layerwise.models import create_model
-from layerwise.runtime import autocast_for
+from layerwise.runtime import autocast_for, autocast_to, resolve_precision
 from layerwise.training.checkpoint import training_tensors
 from layerwise.training.loop import TrainConfig, learning_rate, make_optimizer, prepare_model, train
 
@@ -116,14 +116,14 @@ def run_bare(model: nn.Module, data: Data, config: TrainConfig) -> int:
             index = order[i * batch : (i + 1) * batch]
             x = data.frontend.model_input(data.train_x[index])  # (B, 1, 28, 28) float
             x = x.contiguous(memory_format=torch.channels_last)
-            with autocast_for(device, config.mixed_precision):
+            with autocast_to(device, resolve_precision(config.precision, device)):
                 loss = loss_fn(model(x).float(), data.train_y[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             steps += 1
         model.eval()  # the same per-epoch validation pass as `predict_logits`
-        with torch.no_grad(), autocast_for(device, config.mixed_precision):
+        with torch.no_grad(), autocast_to(device, resolve_precision(config.precision, device)):
             logits = [
                 model(data.frontend.model_input(x).contiguous(memory_format=torch.channels_last)).float()
                 for x in data.val_x.split(VAL_BATCH)
@@ -170,7 +170,7 @@ def profile_extras(initial: nn.Module, data: Data, config: TrainConfig, repeats:
     state: dict = {}
 
     def bare_step() -> None:
-        with autocast_for(device, config.mixed_precision):
+        with autocast_to(device, resolve_precision(config.precision, device)):
             state["logits"] = model(x)
             state["loss"] = loss_fn(state["logits"].float(), y)
         optimizer.zero_grad(set_to_none=True)

@@ -24,9 +24,11 @@ from layerwise.data.sources import Problem
 from layerwise.errors import InputError
 from layerwise.files import write_atomic, write_json
 from layerwise.models.registry import create_model, load_pretrained
+from layerwise.runtime import resolve_device, resolve_precision
 from layerwise.tasks import detect_task, task_class
 from layerwise.tasks.base import FitOptions, RunMismatch
 from layerwise.training.checkpoint import Checkpoint, CheckpointError, list_checkpoints, load_latest_checkpoint
+from layerwise.training.distributed import device_for, leave, process_group_from_env
 from layerwise.training.loop import LoopState, TrainConfig, train
 
 __all__ = ["fit", "load"]
@@ -38,6 +40,10 @@ console = Console(stderr=True)
 def say(message: str) -> None:
     """A progress message on stderr, never wrapped mid-path."""
     console.print(message, soft_wrap=True, highlight=False, markup=False)
+
+
+def quiet(message: str) -> None:
+    """The messages of ranks other than 0, which would repeat rank 0's."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,9 @@ class Settings:
     epochs: int = 30  # adjustable on --resume, like the two below
     time_budget: float | None = None
     checkpoint_every: float = 300.0
+    device: str = "auto"  # where and how to train: adjustable on --resume (a checkpoint moves between them)
+    precision: str = "auto"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.val_fraction < 0.5:
@@ -66,7 +75,7 @@ class Settings:
 
 
 FIXED_ON_RESUME = ("task", "modality", "model", "seed", "val_fraction", "batch_size", "lr")
-ADJUSTABLE_ON_RESUME = ("epochs", "time_budget", "checkpoint_every")
+ADJUSTABLE_ON_RESUME = ("epochs", "time_budget", "checkpoint_every", "device", "precision", "compile")
 
 
 def fit(
@@ -87,31 +96,39 @@ def fit(
     layer_decay: float | None = None,
     resume: bool = False,
     checkpoint_every: float | None = None,
+    device: str | None = None,
+    precision: str | None = None,
+    compile: bool | None = None,
     show_progress: bool = True,
 ) -> Model:
     """Train on raw files under `data`; write the run directory `out` if given.
 
     Options left as None take their defaults, or, with `resume=True`, the saved run's values.
+    Started by torchrun (WORLD_SIZE > 1), every process trains and rank 0 alone writes the run; the
+    other ranks return the trained network without metrics.
     """
     started = time.perf_counter()
+    group = process_group_from_env()
+    log = say if group.writes_run else quiet
     given = {
         "task": task, "modality": modality, "model": model, "seed": seed, "val_fraction": val_fraction,
         "batch_size": batch_size, "lr": lr, "epochs": epochs, "time_budget": time_budget,
-        "checkpoint_every": checkpoint_every,
+        "checkpoint_every": checkpoint_every, "device": device, "precision": precision, "compile": compile,
     }  # fmt: skip
     given = {k: v for k, v in given.items() if v is not None}
     run_dir = Path(out) if out is not None else None
     saved = saved_config(run_dir) if resume else None
     if saved is None:
-        if run_dir is not None:
+        if run_dir is not None and group.writes_run:
             refuse_existing_run(run_dir)  # before anything is written
         settings = Settings(**given)
     else:
-        settings = resumed_settings(saved, given)
+        settings = resumed_settings(saved, given, log)
         if init is not None:
-            say("note: --init is ignored on --resume; the run continues from its own checkpoint")
+            log("note: --init is ignored on --resume; the run continues from its own checkpoint")
             init = None
-    if run_dir is not None:
+    resolve_precision(settings.precision, resolve_device(device_for(group, settings.device)))  # fail before any work
+    if run_dir is not None and group.writes_run:
         check_writable(run_dir)
     seed_everything(settings.seed)
 
@@ -123,15 +140,16 @@ def fit(
         settings.modality, settings.model, settings.seed, settings.val_fraction, settings.batch_size,
         settings.time_budget,
     )  # fmt: skip
-    prepared = task_type.prepare(Path(data), options, saved=saved, donor=donor, log=say)
-    report_problems(prepared.problems)
+    prepared = task_type.prepare(Path(data), options, saved=saved, donor=donor, log=log)
+    if group.writes_run:
+        report_problems(prepared.problems)
     network = create_model(prepared.model_name, **prepared.model_config)
     approach = saved.get("approach", "from scratch") if saved is not None else "from scratch"
     if donor is None and (saved is None or not list_checkpoints(run_dir / "checkpoints")):
         # A new run of a model with published weights starts from them (a resumed one from its checkpoint).
         pretrained = load_pretrained(prepared.model_name, network)
         if pretrained is not None:
-            say(pretrained)
+            log(pretrained)
             approach = f"fine-tuned from {prepared.model_name}'s published weights"
     if donor is not None:
         if donor.task.modality != prepared.task.modality:
@@ -147,6 +165,7 @@ def fit(
         epochs=settings.epochs, batch_size=prepared.batch_size, lr=settings.lr or prepared.lr,
         time_budget_s=settings.time_budget,
         seed=settings.seed, checkpoint_every_s=settings.checkpoint_every,
+        device=settings.device, precision=settings.precision, compile=settings.compile,
         **({"patience": prepared.patience} if prepared.patience else {}), **schedule,
     )  # fmt: skip
     run_config = {
@@ -159,27 +178,34 @@ def fit(
     if saved is not None:
         checkpoint = resumable_checkpoint(run_dir)
         if checkpoint is not None and finished(checkpoint, config) and outputs_match(run_dir, checkpoint):
-            say(f"{run_dir}: the run has already finished ({checkpoint.state['loop']['stop_reason']}); nothing to do")
+            log(f"{run_dir}: the run has already finished ({checkpoint.state['loop']['stop_reason']}); nothing to do")
             return load_finished(run_dir)
-    if run_dir is not None:
+    if run_dir is not None and group.writes_run:
         write_json(run_dir / CONFIG_FILE, run_config)
         write_json(run_dir / "problems.json", {"skipped": [p.to_json() for p in prepared.problems]})
     n_params = sum(p.numel() for p in network.parameters())
-    console.print(
-        f"model [bold]{prepared.model_name}[/] ({n_params:,} parameters), "
-        f"{prepared.data_summary['n_train']} train / {prepared.data_summary['n_val']} validation, "
-        f"batch {prepared.batch_size}"
-    )
-    result = train(
-        network, prepared.train_batches, prepared.val_batches, config, out_dir=run_dir,
-        resume=checkpoint or False, show_progress=show_progress, log=say, objective=prepared.task,
-    )  # fmt: skip
+    processes = f", {group.world_size} processes" if group.distributed else ""
+    if group.writes_run:
+        console.print(
+            f"model [bold]{prepared.model_name}[/] ({n_params:,} parameters), "
+            f"{prepared.data_summary['n_train']} train / {prepared.data_summary['n_val']} validation, "
+            f"batch {prepared.batch_size}{processes}"
+        )
+    try:
+        result = train(
+            network, prepared.train_batches, prepared.val_batches, config, out_dir=run_dir,
+            resume=checkpoint or False, show_progress=show_progress, log=log, objective=prepared.task,
+        )  # fmt: skip
+    finally:
+        leave()  # what follows (metrics, baseline, report) is rank 0's alone
     bundle = Model(network, prepared.task, run_config)
+    if not group.writes_run:
+        return bundle
 
     metrics = prepared.task.final_metrics(network, prepared)
     calibrate = getattr(prepared.task, "calibrate", None)  # optional: temperature, shift reference
     if calibrate is not None:
-        calibrate(network, prepared, log=say)
+        calibrate(network, prepared, log=log)
         run_config.update(prepared.task.to_json())
     baseline = prepared.task.baseline(prepared, settings.seed)
     summary = {
@@ -194,12 +220,13 @@ def fit(
         "decode_seconds": round(prepared.extras.get("decode_seconds", 0.0), 1),
         "total_seconds": round(time.perf_counter() - started, 1), "n_skipped": len(prepared.problems),
         "device": str(next(network.parameters()).device), "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+        "processes": group.world_size,
     }  # fmt: skip
     if run_dir is not None:
         bundle.save(run_dir)
         for name, content in getattr(prepared.task, "run_files", dict)().items():
             write_atomic(run_dir / name, content)
-        prepared.task.write_report(run_dir, bundle, summary, result, prepared, log=say)
+        prepared.task.write_report(run_dir, bundle, summary, result, prepared, log=log)
         write_json(run_dir / "metrics.json", summary)  # last: its "steps" marks the run files as complete
     bundle.summary = summary
     return bundle
@@ -215,27 +242,29 @@ def saved_config(run_dir: Path | None) -> dict:
         raise InputError(f"--resume: {run_dir / CONFIG_FILE} is not valid JSON ({err})") from err
 
 
-def resumed_settings(saved: dict, given: dict) -> Settings:
+def resumed_settings(saved: dict, given: dict, log=say) -> Settings:
     """The saved run's settings, with the adjustable ones the user gave; a changed fixed one is refused."""
     train_config, data = saved["train"], saved["data"]
     settings = Settings(
         task=saved.get("task", "classify"), modality=saved["modality"], model=saved["model"]["name"],
         seed=train_config["seed"], val_fraction=data["val_fraction"], batch_size=train_config["batch_size"],
         lr=train_config["lr"], epochs=train_config["epochs"], time_budget=train_config["time_budget_s"],
-        checkpoint_every=train_config["checkpoint_every_s"],
+        checkpoint_every=train_config["checkpoint_every_s"], device=train_config.get("device", "auto"),
+        precision=train_config.get("precision", "auto"), compile=train_config.get("compile", False),
     )  # fmt: skip
     changed = [k for k in FIXED_ON_RESUME if k in given and given[k] != getattr(settings, k)]
     if changed:
         flags = ", ".join(f"--{k.replace('_', '-')} {given[k]} (the run has {getattr(settings, k)})" for k in changed)
         raise RunMismatch(
             f"--resume: {flags}. A resumed run keeps its task, modality, model, seed, split, batch size and "
-            "learning rate; only --epochs, --time-budget and --checkpoint-every may change"
+            "learning rate; only --epochs, --time-budget, --checkpoint-every, --device, --precision and --compile "
+            "may change"
         )
     adjusted = {k: given[k] for k in ADJUSTABLE_ON_RESUME if k in given and given[k] != getattr(settings, k)}
     kept = ", ".join(f"{k} {getattr(settings, k)}" for k in FIXED_ON_RESUME if getattr(settings, k) is not None)
-    say(f"resuming with the saved settings: {kept}")
+    log(f"resuming with the saved settings: {kept}")
     for k, v in adjusted.items():
-        say(f"  {k.replace('_', ' ')}: {v} (was {getattr(settings, k)})")
+        log(f"  {k.replace('_', ' ')}: {v} (was {getattr(settings, k)})")
     return replace(settings, **adjusted)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
@@ -154,6 +155,18 @@ def load(run_dir: str | Path) -> Model:
     return Model(network, task, config)
 
 
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile's and DistributedDataParallel's
+
+
+def without_wrapper_prefixes(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights saved from a compiled or DDP-wrapped network (by other tools; layerwise saves the plain one)
+    under the plain network's names."""
+    for prefix in WRAPPER_PREFIXES:
+        if weights and all(name.startswith(prefix) for name in weights):
+            weights = {name[len(prefix) :]: tensor for name, tensor in weights.items()}
+    return weights
+
+
 def load_weights(network: nn.Module, path: Path) -> None:
     """Load safetensors weights, checking every tensor's presence, shape and dtype first."""
     if not path.is_file():
@@ -162,6 +175,7 @@ def load_weights(network: nn.Module, path: Path) -> None:
         weights = load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise InputError(f"{path}: not a readable safetensors file ({err})") from err
+    weights = without_wrapper_prefixes(weights)
     expected = network.state_dict()
     for name, tensor in expected.items():
         if name not in weights:

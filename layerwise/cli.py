@@ -123,7 +123,7 @@ def train_command(
         typer.Option(
             "--resume",
             help="Continue the run in --out from its last checkpoint, with its saved settings; "
-            "only --epochs, --time-budget and --checkpoint-every may change.",
+            "only --epochs, --time-budget, --checkpoint-every, --device, --precision and --compile may change.",
         ),
     ] = False,
     init: Annotated[
@@ -152,18 +152,70 @@ def train_command(
         float | None,
         typer.Option("--checkpoint-every", help="Also checkpoint mid-epoch at most every SEC seconds. [default: 300]"),
     ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps. [default: auto: a GPU when there is one]")
+    ] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            help="fp32, bf16 or fp16 (autocast; fp16 with loss scaling). "
+            "[default: auto: bf16 where the hardware has it natively, else fp32]"
+        ),
+    ] = None,
+    compile_model: Annotated[
+        bool | None,
+        typer.Option("--compile/--no-compile", help="torch.compile the training step (slow to start, faster steps)."),
+    ] = None,
+    devices: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Train data-parallel in N processes on this machine (torchrun; one per GPU, or sharing the CPU). "
+            "Many machines: start torchrun on each, see the README.",
+        ),
+    ] = 1,
+    max_restarts: Annotated[
+        int,
+        typer.Option(
+            "--max-restarts",
+            min=0,
+            help="With --devices: restart all processes up to N times after a failure; "
+            "they resume from the last checkpoint.",
+        ),
+    ] = 0,
     progress: Annotated[bool, typer.Option(help="Show the live progress bar.")] = True,
 ) -> None:
     """Train a deep network on raw files and write the run directory."""
+    from layerwise.training.distributed import launch, process_group_from_env, restarted_by_torchrun
+
+    group = process_group_from_env()
+    if devices > 1 and not group.distributed:
+        raise typer.Exit(launch(devices, without_options(sys.argv[1:], ("--devices", "--max-restarts")), max_restarts))
+    if restarted_by_torchrun() and (out / "config.json").is_file():
+        resume = True  # torchrun restarted the processes after a failure: continue from the last checkpoint
     from layerwise.api import fit
 
     bundle = fit(
         data, out, task=task, modality=modality, model=model, epochs=epochs, time_budget=time_budget, seed=seed,
         val_fraction=val_fraction, batch_size=batch_size, lr=lr, init=init, resume=resume, show_progress=progress,
         freeze_fraction=freeze_fraction, layer_decay=layer_decay,
-        checkpoint_every=checkpoint_every,
+        checkpoint_every=checkpoint_every, device=device, precision=precision, compile=compile_model,
     )  # fmt: skip
-    print_summary(bundle, out)
+    if group.writes_run:
+        print_summary(bundle, out)
+
+
+def without_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """`argv` less the options `names` and their values (`--name V` or `--name=V`)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in names:
+            skip = True
+        elif not arg.startswith(tuple(f"{name}=" for name in names)):
+            kept.append(arg)
+    return kept
 
 
 @app.command("pretrain")

@@ -11,20 +11,53 @@ from typing import Any
 import torch
 from torch import nn
 
+from layerwise.errors import InputError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
 
 def resolve_device(name: str) -> torch.device:
+    """auto: a CUDA GPU when there is one, else the CPU; an explicit device that is not there fails clearly."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise InputError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:N or mps)") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: this machine has no CUDA GPU that PyTorch can use; try --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"--device {name}: Apple's MPS backend is not available here; try --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"--device {name}: layerwise runs on cpu, cuda or mps")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto: bf16 where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32."""
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    if device.type == "cpu" and torch.backends.mkldnn.is_available() and _cpu_has_bf16():
+        return "bf16"
+    return "fp32"
+
+
+def autocast_to(device: torch.device, precision: str):
+    """Autocast to a resolved precision (fp32: none). fp16 needs loss scaling in training (the loop does it)."""
+    if precision == "fp32" or device.type not in ("cpu", "cuda", "mps"):
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def autocast_for(device: torch.device, enabled: bool):
-    """bf16 autocast: on CUDA when supported, on CPUs with native bf16 (AVX512-BF16/AMX)."""
-    if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if enabled and device.type == "cpu" and torch.backends.mkldnn.is_available() and _cpu_has_bf16():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext()
+    """Inference's autocast: bf16 where the hardware has it natively, else none."""
+    return autocast_to(device, resolve_precision("auto" if enabled else "fp32", device))
 
 
 def _cpu_has_bf16() -> bool:
@@ -39,8 +72,8 @@ def has_conv(model: nn.Module) -> bool:
 
 
 def channels_last_for(model: nn.Module, device: torch.device) -> bool:
-    """oneDNN convolutions are faster in NHWC on CPU."""
-    return device.type == "cpu" and has_conv(model)
+    """Convolutions are faster in NHWC: oneDNN's on CPU, cuDNN's tensor-core kernels on CUDA."""
+    return device.type in ("cpu", "cuda") and has_conv(model)
 
 
 def to_device(value: Any, device: torch.device, channels_last: bool = False) -> Any:

@@ -47,11 +47,18 @@ class TensorBatches:
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield batches `start`, `start+1`, ... of epoch `epoch`."""
+        return self.epoch_part(epoch, start)
+
+    def epoch_part(
+        self, epoch: int, start: int = 0, rank: int = 0, world_size: int = 1
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Rank `rank`'s part of each batch (of `world_size` near-equal parts), cut before augmenting."""
         n = len(self.labels)
         order = torch.randperm(n, generator=_generator(self.seed, epoch)) if self.shuffle else torch.arange(n)
         for i in range(start, len(self)):
-            index = order[i * self.batch_size : (i + 1) * self.batch_size]
+            index = order[i * self.batch_size : (i + 1) * self.batch_size].tensor_split(world_size)[rank]
             raw = self.inputs[index]
-            if self.augment is not None:
-                raw = self.augment(raw, _generator(self.seed, epoch, i))
+            if self.augment is not None:  # each rank its own draws; one process keeps the single-process ones
+                keys = (self.seed, epoch, i) if world_size == 1 else (self.seed, epoch, i, rank)
+                raw = self.augment(raw, _generator(*keys))
             yield self.to_model_input(raw), self.labels[index]

@@ -58,14 +58,25 @@ class ViewBatches:
         return n // self.batch_size if self.shuffle else max(1, round(n / self.batch_size)) if n else 0
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        parts = self._parts(epoch)
+        for i in range(start, len(self)):
+            yield self.make(self.inputs[parts[i]], _generator(self.seed, epoch, i))
+
+    def epoch_part(
+        self, epoch: int, start: int = 0, rank: int = 0, world_size: int = 1
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Rank `rank`'s share of each batch's inputs, made into views on its own (the pairs stay whole)."""
+        parts = self._parts(epoch)
+        for i in range(start, len(self)):
+            index = parts[i].tensor_split(world_size)[rank]
+            yield self.make(self.inputs[index], _generator(self.seed, epoch, i, rank))
+
+    def _parts(self, epoch: int) -> torch.Tensor | tuple[torch.Tensor, ...]:
         n = len(self.inputs)
         order = torch.randperm(n, generator=_generator(self.seed, epoch)) if self.shuffle else torch.arange(n)
         if self.shuffle:  # full batches; the few inputs left over differ from epoch to epoch
-            parts = order[: len(self) * self.batch_size].view(len(self), -1)
-        else:
-            parts = order.tensor_split(len(self))
-        for i in range(start, len(self)):
-            yield self.make(self.inputs[parts[i]], _generator(self.seed, epoch, i))
+            return order[: len(self) * self.batch_size].view(len(self), -1)
+        return order.tensor_split(len(self))
 
 
 # ---------------------------------------------------------------------- images

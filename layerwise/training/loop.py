@@ -20,7 +20,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from layerwise.errors import InputError
-from layerwise.runtime import autocast_for, channels_last_for, resolve_device, to_device
+from layerwise.runtime import PRECISIONS, autocast_to, channels_last_for, resolve_device, resolve_precision, to_device
 from layerwise.tasks.base import Batches, Objective, score
 from layerwise.training.checkpoint import (
     Checkpoint,
@@ -30,6 +30,16 @@ from layerwise.training.checkpoint import (
     restore_training_tensors,
     save_checkpoint,
     training_tensors,
+)
+from layerwise.training.distributed import (
+    LossOf,
+    RankBatches,
+    agree,
+    data_parallel,
+    device_for,
+    from_rank0,
+    join,
+    process_group_from_env,
 )
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before rolling back to the last good state
@@ -49,7 +59,8 @@ class TrainConfig:
     patience: int = 6  # epochs without a better validation score before stopping early
     time_budget_s: float | None = None  # stop cleanly (keeping the best model) after this many seconds
     seed: int = 0
-    mixed_precision: bool = True  # bf16 autocast where the hardware supports it
+    precision: str = "auto"  # fp32, bf16, fp16 (autocast; fp16 with loss scaling); auto: bf16 where native
+    compile: bool = False  # torch.compile the training step (the saved weights never carry its names)
     checkpoint_every_s: float = 300.0  # also checkpoint mid-epoch at most this often
     device: str = "auto"
     # Transfer learning (--init): the backbone's stages (`named_stages()`) stay fixed for this fraction of the
@@ -71,6 +82,8 @@ class TrainConfig:
             raise InputError(f"--freeze-fraction must be in [0, 1), not {self.freeze_fraction}")
         if not 0 < self.layer_decay <= 1:
             raise InputError(f"--layer-decay must be in (0, 1], not {self.layer_decay}")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}")
 
 
 STOP_EPOCHS, STOP_TIME_BUDGET, STOP_EARLY = "epochs", "time_budget", "early_stopping"
@@ -255,16 +268,25 @@ def train(
     cross-entropy, monitored by accuracy). With `out_dir`: appends one line per epoch to
     out_dir/history.jsonl and writes resumable checkpoints to out_dir/checkpoints/. With
     `resume=True`: continues from the newest good checkpoint (or from the one passed).
+    Under torchrun (WORLD_SIZE > 1) each process trains on its part of every batch and only rank 0
+    validates and writes (see training/distributed.py).
     """
     if objective is None:
         from layerwise.tasks.classify import CrossEntropyObjective
 
         objective = CrossEntropyObjective(config.label_smoothing)
-    device = resolve_device(config.device)
+    group = process_group_from_env()
+    device = resolve_device(device_for(group, config.device))
+    join(group, device)
+    writes = group.writes_run
+    precision = resolve_precision(config.precision, device)
     torch.manual_seed(config.seed)
     model = prepare_model(model, device)
     channels_last = channels_last_for(model, device)
     optimizer = make_optimizer(model, config)
+    # fp16 overflows where bf16 does not: its loss is scaled up, and steps with inf gradients are skipped
+    # by the scaler (which lowers the scale) rather than counted as divergence.
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     if len(train_batches) == 0 or len(val_batches) == 0:
         raise InputError("training needs at least one training batch and one validation batch")
     total_steps = config.epochs * len(train_batches)
@@ -275,6 +297,8 @@ def train(
     if resume:
         checkpoint = resume if isinstance(resume, Checkpoint) else load_latest_checkpoint(checkpoint_dir, warn=log)
         restore_training_tensors(checkpoint, model, optimizer)
+        if "grad_scaler" in checkpoint.state and scaler.is_enabled():
+            scaler.load_state_dict(checkpoint.state["grad_scaler"])
         state = LoopState(**checkpoint.state["loop"])
         best_weights = _prefixed(checkpoint.tensors, "best.")
         if state.finished_under(config):
@@ -282,13 +306,21 @@ def train(
         else:
             state.stop_kind = state.stop_reason = ""
             log(f"resuming from {checkpoint.path.name}: epoch {state.epoch + 1}, step {state.step_in_epoch}")
-    elif checkpoint_dir is not None and list_checkpoints(checkpoint_dir):
+    elif writes and checkpoint_dir is not None and list_checkpoints(checkpoint_dir):
         raise InputError(
             f"{out_dir} already holds a training run; pass --resume to continue it or choose another --out"
         )
-    if out_dir is not None:  # history.jsonl holds exactly the epochs the (restored) state has seen
+    if out_dir is not None and writes:  # history.jsonl holds exactly the epochs the (restored) state has seen
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in state.history))
+
+    # The step runs through one module: the task's loss on the network (compiled on request), data-parallel
+    # under torchrun. Checkpoints and run files hold `model`'s own weights: no `_orig_mod.`/`module.` names,
+    # so they load and resume whether or not the next run compiles or spreads over processes.
+    step = LossOf(torch.compile(model) if config.compile else model, objective)
+    if group.distributed:
+        step = data_parallel(step, device)
+        train_batches = RankBatches(train_batches, group)
 
     started, seconds_before = time.perf_counter(), state.seconds
 
@@ -300,11 +332,14 @@ def train(
         tensors = training_tensors(model, optimizer) | {f"best.{k}": v for k, v in best_weights.items()}
         state.seconds = elapsed()
         groups = [{k: v for k, v in g.items()} for g in optimizer.state_dict()["param_groups"]]
-        return tensors, {"loop": asdict(state), "param_groups": groups, "config": asdict(config)}
+        json_state = {"loop": asdict(state), "param_groups": groups, "config": asdict(config)}
+        if scaler.is_enabled():
+            json_state["grad_scaler"] = scaler.state_dict()
+        return tensors, json_state
 
     def checkpoint_now() -> tuple[dict[str, torch.Tensor], dict]:
         tensors, json_state = snapshot()
-        if checkpoint_dir is not None:
+        if checkpoint_dir is not None and writes:
             try:
                 save_checkpoint(checkpoint_dir, tensors, json_state)
             except OSError as err:  # e.g. disk full: the previous checkpoint stays intact
@@ -318,7 +353,7 @@ def train(
     bad_steps = 0
     backbone_frozen = False
     last_checkpoint = time.perf_counter()
-    with _stop_requests() as stop_requests, _progress(show_progress) as progress:
+    with _stop_requests() as stop_requests, _progress(show_progress and writes) as progress:
         bar = progress.add_task("train", total=total_steps, completed=state.global_step, **_bar_fields(state, 0.0, "-"))
         first_step = state.global_step
         while not state.stop_kind:
@@ -326,7 +361,8 @@ def train(
                 stop(STOP_EPOCHS, "finished all epochs")
                 checkpoint_now()  # so that a resumed run knows it is done
                 break
-            if config.time_budget_s and elapsed() >= config.time_budget_s and state.step_in_epoch == 0:
+            budget_spent = bool(config.time_budget_s and elapsed() >= config.time_budget_s)
+            if from_rank0(group, budget_spent) and state.step_in_epoch == 0:
                 stop(STOP_TIME_BUDGET, f"time budget of {config.time_budget_s:g} s reached")
                 checkpoint_now()  # spent during the last validation: no new epoch of one step
                 break
@@ -341,15 +377,26 @@ def train(
                 if frozen != backbone_frozen:  # no gradients for a frozen backbone: no backward cost, no clipping share
                     set_backbone_frozen(optimizer, frozen)
                     backbone_frozen = frozen
-                for group in optimizer.param_groups:
-                    group["lr"] = group_learning_rate(config, group, state.lr, progress_fraction)
+                for group_settings in optimizer.param_groups:
+                    group_settings["lr"] = group_learning_rate(config, group_settings, state.lr, progress_fraction)
                 x, y = to_device(x, device, channels_last), to_device(y, device)
-                with autocast_for(device, config.mixed_precision):
-                    loss, stats = objective.loss(model, x, y)
+                with autocast_to(device, precision):
+                    loss, stats = step(x, y)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
                 grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                time_up = bool(config.time_budget_s and elapsed() >= config.time_budget_s)
+                checkpoint_due = time.perf_counter() - last_checkpoint >= config.checkpoint_every_s
+                # Every rank takes the same decisions: on the mean loss and on any rank's stop or clock.
+                loss, (signalled, time_up, checkpoint_due) = agree(
+                    group, loss, [bool(stop_requests), time_up, checkpoint_due]
+                )
+                overflow = scaler.is_enabled() and not torch.isfinite(grad_norm)
+                if overflow and torch.isfinite(loss):
+                    scaler.step(optimizer)  # skipped by the scaler, which lowers the scale
+                    scaler.update()
+                elif not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
                     bad_steps += 1  # skip the update: NaN must never reach the weights
                     log(f"step {state.global_step}: non-finite loss or gradient, update skipped")
                     if bad_steps >= MAX_BAD_STEPS:
@@ -365,7 +412,8 @@ def train(
                         break
                 else:
                     bad_steps = 0
-                    optimizer.step()
+                    scaler.step(optimizer)
+                    scaler.update()
                     state.epoch_loss_sum += loss.item()
                     for name, value in stats.items():
                         state.epoch_stat_sums[name] = state.epoch_stat_sums.get(name, 0.0) + value
@@ -375,19 +423,20 @@ def train(
                 eta = _eta(state, total_steps, first_step, time.perf_counter() - started, config, elapsed())
                 rate = state.epoch_seen / max(time.perf_counter() - epoch_started, 1e-9)
                 progress.update(bar, completed=state.global_step, **_bar_fields(state, rate, eta))
-                if stop_requests:
+                if signalled:
                     checkpoint_now()
                     raise TrainingInterrupted(f"stopped by signal at step {state.global_step}; checkpoint written")
-                if config.time_budget_s and elapsed() >= config.time_budget_s:
+                if time_up:
                     stop(STOP_TIME_BUDGET, f"time budget of {config.time_budget_s:g} s reached")
                     break
-                if time.perf_counter() - last_checkpoint >= config.checkpoint_every_s:
+                if checkpoint_due:
                     last_good = checkpoint_now()
                     last_checkpoint = time.perf_counter()
             if rolled_back:
                 continue
 
-            val_metrics = objective.evaluate(model, val_batches)
+            # Rank 0 validates the plain network (no collective inside); the others take its numbers.
+            val_metrics = from_rank0(group, objective.evaluate(model, val_batches) if writes else None)
             if not math.isfinite(score(objective, val_metrics)):
                 raise TrainingDiverged(f"validation {objective.monitor} is not finite after epoch {state.epoch + 1}")
             seen = max(state.epoch_seen, 1)
@@ -396,7 +445,7 @@ def train(
             record |= {f"val_{name}": value for name, value in val_metrics.items()}
             record |= {"lr": state.lr, "seconds": round(elapsed(), 2)}
             state.history.append(record)
-            if out_dir is not None:
+            if out_dir is not None and writes:
                 with open(out_dir / "history.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
             epoch_score = score(objective, val_metrics)
@@ -416,7 +465,7 @@ def train(
                 stop(STOP_EPOCHS, "finished all epochs")
             last_good = checkpoint_now()
             last_checkpoint = time.perf_counter()
-            if stop_requests:  # Ctrl-C during validation: the epoch is complete and checkpointed
+            if from_rank0(group, bool(stop_requests)):  # Ctrl-C during validation: the epoch is complete
                 raise TrainingInterrupted(f"stopped by signal after epoch {state.epoch}; checkpoint written")
 
     set_backbone_frozen(optimizer, False)

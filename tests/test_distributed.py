@@ -1,0 +1,172 @@
+"""Data-parallel training on torch.distributed, started by torchrun, on this machine's CPU (gloo).
+
+The multi-process tests run tests/ddp_worker.py (a small MLP on the real training loop) under torchrun
+and compare the final weights with those of one process that takes the same global batches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from layerwise.data.batches import TensorBatches
+from layerwise.training.distributed import ProcessGroup, RankBatches, part_of
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def run(command: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_CPP_LOG_LEVEL": "ERROR"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "final.safetensors"))
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> dict[str, torch.Tensor]:
+    out = tmp_path_factory.mktemp("one") / "run"
+    result = run([sys.executable, str(WORKER), str(out)])
+    assert result.returncode == 0, result.stderr
+    return weights(out)
+
+
+# ---------------------------------------------------------------------- in one process
+
+
+def test_the_parts_of_a_batch_cover_it_without_overlap():
+    x, targets = torch.arange(10), [{"boxes": i} for i in range(10)]
+    parts = [part_of((x, targets), rank, 3) for rank in range(3)]
+    assert torch.cat([p[0] for p in parts]).tolist() == list(range(10))
+    assert [t["boxes"] for p in parts for t in p[1]] == list(range(10))
+    assert [len(p[0]) for p in parts] == [4, 3, 3]
+
+
+def test_each_rank_reads_its_own_part_of_the_same_global_batches():
+    inputs, labels = torch.arange(40).float().view(40, 1), torch.arange(40)
+    batches = TensorBatches(inputs, labels, 8, lambda x: x, shuffle=True, seed=3)
+    whole = [y for _, y in batches.epoch(2)]
+    parts = [[y for _, y in RankBatches(batches, ProcessGroup(rank, 2)).epoch(2)] for rank in range(2)]
+    for i, batch in enumerate(whole):
+        assert torch.cat([parts[0][i], parts[1][i]]).tolist() == batch.tolist()
+    assert len(RankBatches(batches, ProcessGroup(1, 2))) == len(batches)
+
+
+# ---------------------------------------------------------------------- several processes
+
+
+@pytest.mark.slow
+def test_two_processes_reach_the_weights_of_one_with_the_same_global_batch(tmp_path, one_process):
+    result = run([*TORCHRUN, "--standalone", "--nproc-per-node=2", str(WORKER), str(tmp_path / "run")])
+    assert result.returncode == 0, result.stderr
+    assert_same_weights(weights(tmp_path / "run"), one_process)
+
+
+@pytest.mark.slow
+def test_two_machines_on_localhost_meet_through_a_c10d_rendezvous(tmp_path, one_process):
+    port = free_port()
+    nodes = [
+        subprocess.Popen(
+            [
+                *TORCHRUN,
+                "--nnodes=2",
+                "--nproc-per-node=1",
+                f"--node-rank={rank}",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint=127.0.0.1:{port}",
+                "--rdzv-id=layerwise-test",
+                str(WORKER),
+                str(tmp_path / "run"),
+            ],  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "TORCH_CPP_LOG_LEVEL": "ERROR"},
+        )  # fmt: skip
+        for rank in range(2)
+    ]
+    outputs = [node.communicate(timeout=180) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert_same_weights(weights(tmp_path / "run"), one_process)
+
+
+@pytest.mark.slow
+def test_a_rendezvous_that_cannot_complete_fails_within_its_timeout(tmp_path):
+    started = time.perf_counter()
+    result = run(
+        [
+            *TORCHRUN,
+            "--nnodes=2",
+            "--nproc-per-node=1",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+            "--rdzv-conf=join_timeout=5",
+            str(WORKER),
+            str(tmp_path / "run"),
+        ],  # fmt: skip
+        timeout=90,
+    )
+    assert result.returncode != 0
+    assert time.perf_counter() - started < 60
+    assert "RendezvousTimeoutError" in result.stderr or "timed out" in result.stderr.lower()
+
+
+@pytest.mark.slow
+def test_a_dead_rank_ends_the_run_and_another_number_of_processes_resumes_it(tmp_path, one_process):
+    out = tmp_path / "run"
+    started = time.perf_counter()
+    result = run([*TORCHRUN, "--standalone", "--nproc-per-node=2", str(WORKER), str(out), "--die-at", "7"])
+    assert result.returncode != 0 and time.perf_counter() - started < 60
+    assert "exitcode  : 17" in result.stderr  # torchrun names the rank that died
+    assert not (out / "final.safetensors").exists()
+    # One process picks the run up from the last checkpoint the two wrote and finishes it exactly.
+    result = run([sys.executable, str(WORKER), str(out), "--resume"])
+    assert result.returncode == 0, result.stderr
+    assert "resuming from step_000000006" in result.stderr
+    assert_same_weights(weights(out), one_process)
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_after_a_dead_rank_and_resumes_from_the_checkpoint(tmp_path, one_process):
+    out = tmp_path / "run"
+    command = [*TORCHRUN, "--standalone", "--nproc-per-node=2", "--max-restarts=1", str(WORKER), str(out)]
+    result = run([*command, "--die-at", "7"])
+    assert result.returncode == 0, result.stderr
+    assert "resuming from step_000000006" in result.stderr
+    assert_same_weights(weights(out), one_process)
+
+
+@pytest.mark.slow
+def test_train_with_devices_2_writes_the_run_once(tmp_path, fashion_train):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "layerwise", "train", str(fashion_train), "--out", str(out)]
+    result = run([*command, "--epochs", "1", "--devices", "2", "--no-progress"], timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "launching 2 processes" in result.stderr
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] > 0
+    assert [json.loads(line)["epoch"] for line in (out / "history.jsonl").read_text().splitlines()] == [1]
+    assert result.stdout.count("run directory:") == 1  # rank 1 printed no summary
