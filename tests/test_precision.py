@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -114,3 +117,14 @@ def test_the_cli_refuses_a_device_that_is_not_there(cli, tmp_path, fashion_train
     code, _, err = cli("train", fashion_train, "--out", tmp_path / "run", "--device", "cuda", "--no-progress")
     assert code == 2 and "no CUDA GPU" in err
     assert not (tmp_path / "run" / "config.json").exists()
+
+
+@pytest.mark.parametrize("given", [None, "ACTIVE"])
+def test_idle_openmp_threads_sleep_unless_the_user_chose_otherwise(given):
+    # In a fresh interpreter: layerwise sets the policy before torch (and OpenMP) start.
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | (
+        {"OMP_WAIT_POLICY": given} if given else {}
+    )
+    code = "import os, layerwise, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == (given or "PASSIVE")
