@@ -160,13 +160,17 @@ def test_torchrun_restarts_after_a_dead_rank_and_resumes_from_the_checkpoint(tmp
 
 
 @pytest.mark.slow
-def test_train_with_devices_2_writes_the_run_once(tmp_path, fashion_train):
+def test_train_with_devices_2_writes_the_run_once(tmp_path):
+    # Detection: its validation computes torchmetrics' mAP on rank 0 alone, which must not wait for rank 1.
+    from layerwise.data.scenes import compose_scenes
+
+    scenes = compose_scenes(tmp_path / "scenes", 40, seed=0, split="train")
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "layerwise", "train", str(fashion_train), "--out", str(out)]
+    command = [sys.executable, "-m", "layerwise", "train", str(scenes), "--out", str(out)]
     result = run([*command, "--epochs", "1", "--devices", "2", "--no-progress"], timeout=300)
     assert result.returncode == 0, result.stderr
     assert "launching 2 processes" in result.stderr
     summary = json.loads((out / "metrics.json").read_text())
-    assert summary["processes"] == 2 and summary["steps"] > 0
+    assert summary["processes"] == 2 and summary["steps"] > 0 and "map_50" in summary["metrics"]
     assert [json.loads(line)["epoch"] for line in (out / "history.jsonl").read_text().splitlines()] == [1]
     assert result.stdout.count("run directory:") == 1  # rank 1 printed no summary

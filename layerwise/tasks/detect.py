@@ -428,7 +428,11 @@ def validation_loss(model: nn.Module, images: torch.Tensor, targets: list[dict])
 def new_metric(extended: bool = False):
     from torchmetrics.detection import MeanAveragePrecision
 
-    return MeanAveragePrecision(box_format="xyxy", iou_type="bbox", class_metrics=True, extended_summary=extended)
+    # No gathering across processes: in a multi-process run rank 0 alone validates, on the whole split, and
+    # a metric waiting for the other ranks would wait forever.
+    return MeanAveragePrecision(
+        box_format="xyxy", iou_type="bbox", class_metrics=True, extended_summary=extended, sync_on_compute=False
+    )
 
 
 def summarise_map(result: dict, class_names: list[str]) -> dict:
