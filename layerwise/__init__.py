@@ -2,23 +2,21 @@
 
 __version__ = "0.1.0"
 
-import os  # noqa: E402
-
-# Idle OpenMP threads sleep instead of spinning (unless the user chose otherwise). On a machine where other
-# programs hold some of the cores, a spinning thread burns the time slice its partner needs: training ran 2.3x
-# faster with two CPU-bound processes beside it, and the same on a quiet machine (benchmarks/busy_machine.py).
-# It only counts when set before the OpenMP runtime starts, i.e. before torch is first imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from layerwise.bundle import Model, load  # noqa: E402
-from layerwise.models.registry import create_model, list_models  # noqa: E402
-
 __all__ = ["Model", "TrainConfig", "__version__", "create_model", "fit", "list_models", "load", "train"]
 
 
 def __getattr__(name: str):
-    # Training is imported on first use, so `layerwise.load` (inference, a server) never imports the
-    # training loop, progress bars, signal handling or checkpoint code.
+    # Everything is imported on first use: `layerwise.load` (inference, a server) never imports the training
+    # loop, progress bars, signal handling or checkpoint code, and the command line can set up the process
+    # (OpenMP's wait policy) before torch is imported.
+    if name in ("Model", "load"):
+        from layerwise import bundle
+
+        return getattr(bundle, name)
+    if name in ("create_model", "list_models"):
+        from layerwise.models import registry
+
+        return getattr(registry, name)
     if name == "fit":
         from layerwise.api import fit
 

@@ -161,9 +161,13 @@ WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile's and DistributedD
 def without_wrapper_prefixes(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Weights saved from a compiled or DDP-wrapped network (by other tools; layerwise saves the plain one)
     under the plain network's names."""
-    for prefix in WRAPPER_PREFIXES:
-        if weights and all(name.startswith(prefix) for name in weights):
-            weights = {name[len(prefix) :]: tensor for name, tensor in weights.items()}
+    stripped = True
+    while stripped and weights:  # nested wrappers: `module._orig_mod.` (DDP around a compiled network)
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(name.startswith(prefix) for name in weights):
+                weights = {name[len(prefix) :]: tensor for name, tensor in weights.items()}
+                stripped = True
     return weights
 
 

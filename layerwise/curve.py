@@ -276,10 +276,13 @@ def point_budget(total: float, done: list[dict], sizes_left: list[int]) -> float
 
 def check_classification(data: Path) -> None:
     """Only classification data has a learning curve here; anything else is refused before it is read."""
+    from layerwise.data.shards import is_shard_folder
     from layerwise.tasks import detect_task
 
     if not data.exists():
         raise InputError(f"{data}: no such file or directory")
+    if is_shard_folder(data):  # its in-memory part is a sample: "all the labels" would not be all of them
+        raise InputError(f"{data}: packed shards; give `layerwise curve` the raw data they were packed from")
     task = detect_task(data)
     if task != "classify":
         raise InputError(

@@ -121,10 +121,30 @@ def test_the_cli_refuses_a_device_that_is_not_there(cli, tmp_path, fashion_train
 
 @pytest.mark.parametrize("given", [None, "ACTIVE"])
 def test_idle_openmp_threads_sleep_unless_the_user_chose_otherwise(given):
-    # In a fresh interpreter: layerwise sets the policy before torch (and OpenMP) start.
+    # In a fresh interpreter: the command line sets the policy before torch (and OpenMP) start.
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | (
         {"OMP_WAIT_POLICY": given} if given else {}
     )
-    code = "import os, layerwise, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    code = "import os, layerwise.cli, torch; print(os.environ['OMP_WAIT_POLICY'])"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == (given or "PASSIVE")
+
+
+def test_a_non_finite_fp16_loss_is_skipped_and_training_goes_on(tmp_path):
+    from layerwise.tasks.classify import CrossEntropyObjective
+
+    class NanAtStep3(CrossEntropyObjective):
+        steps = 0
+
+        def loss(self, model, inputs, targets):
+            self.steps += 1
+            loss, stats = super().loss(model, inputs, targets)
+            return (loss * float("nan") if self.steps == 3 else loss), stats
+
+    model, train_batches, val_batches = small_problem()
+    messages = []
+    config = TrainConfig(epochs=2, batch_size=16, device="cpu", precision="fp16")
+    result = train(model, train_batches, val_batches, config, out_dir=tmp_path, show_progress=False,
+                   log=messages.append, objective=NanAtStep3(0.0))  # fmt: skip
+    assert any("step 2: non-finite loss" in m for m in messages)
+    assert result.global_step == 8 and all(torch.isfinite(p).all() for p in model.parameters())

@@ -14,7 +14,8 @@ Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 ToModelInput = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _generator(*keys: int) -> torch.Generator:
+def seeded_generator(*keys: int) -> torch.Generator:
+    """A generator seeded by `keys` alone (seed, epoch, batch, ...), so that any batch can be made again."""
     seed = 0
     for key in keys:  # a simple, stable mix of the keys into one 63-bit seed
         seed = (seed * 1_000_003 + key + 1) % (2**63 - 1)
@@ -54,11 +55,11 @@ class TensorBatches:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Rank `rank`'s part of each batch (of `world_size` near-equal parts), cut before augmenting."""
         n = len(self.labels)
-        order = torch.randperm(n, generator=_generator(self.seed, epoch)) if self.shuffle else torch.arange(n)
+        order = torch.randperm(n, generator=seeded_generator(self.seed, epoch)) if self.shuffle else torch.arange(n)
         for i in range(start, len(self)):
             index = order[i * self.batch_size : (i + 1) * self.batch_size].tensor_split(world_size)[rank]
             raw = self.inputs[index]
             if self.augment is not None:  # each rank its own draws; one process keeps the single-process ones
                 keys = (self.seed, epoch, i) if world_size == 1 else (self.seed, epoch, i, rank)
-                raw = self.augment(raw, _generator(*keys))
+                raw = self.augment(raw, seeded_generator(*keys))
             yield self.to_model_input(raw), self.labels[index]

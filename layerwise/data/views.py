@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.nn import functional as F
 
-from layerwise.data.batches import _generator
+from layerwise.data.batches import seeded_generator
 from layerwise.data.image import ImagePreprocessing
 from layerwise.data.text import MASK_ID
 
@@ -60,7 +60,7 @@ class ViewBatches:
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         parts = self._parts(epoch)
         for i in range(start, len(self)):
-            yield self.make(self.inputs[parts[i]], _generator(self.seed, epoch, i))
+            yield self.make(self.inputs[parts[i]], seeded_generator(self.seed, epoch, i))
 
     def epoch_part(
         self, epoch: int, start: int = 0, rank: int = 0, world_size: int = 1
@@ -69,11 +69,11 @@ class ViewBatches:
         parts = self._parts(epoch)
         for i in range(start, len(self)):
             index = parts[i].tensor_split(world_size)[rank]
-            yield self.make(self.inputs[index], _generator(self.seed, epoch, i, rank))
+            yield self.make(self.inputs[index], seeded_generator(self.seed, epoch, i, rank))
 
     def _parts(self, epoch: int) -> torch.Tensor | tuple[torch.Tensor, ...]:
         n = len(self.inputs)
-        order = torch.randperm(n, generator=_generator(self.seed, epoch)) if self.shuffle else torch.arange(n)
+        order = torch.randperm(n, generator=seeded_generator(self.seed, epoch)) if self.shuffle else torch.arange(n)
         if self.shuffle:  # full batches; the few inputs left over differ from epoch to epoch
             return order[: len(self) * self.batch_size].view(len(self), -1)
         return order.tensor_split(len(self))

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from layerwise.data.batches import _generator
+from layerwise.data.batches import seeded_generator
 
 # An "epoch" is an evaluation interval: one pass over the training tokens, but at least 50 steps (a tiny
 # corpus would otherwise spend most of its time evaluating) and at most 250 (a large one is checked often).
@@ -32,7 +32,9 @@ class RandomWindows:
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         last_start = len(self.tokens) - self.context_len - 1
         for i in range(start, len(self)):
-            starts = torch.randint(0, last_start + 1, (self.batch_size,), generator=_generator(self.seed, epoch, i))
+            starts = torch.randint(
+                0, last_start + 1, (self.batch_size,), generator=seeded_generator(self.seed, epoch, i)
+            )
             windows = np.stack([self.tokens[s : s + self.context_len + 1] for s in starts.tolist()])
             windows = torch.from_numpy(windows.astype(np.int64))  # (B, T + 1)
             yield windows[:, :-1], windows[:, 1:]

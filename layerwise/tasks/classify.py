@@ -13,7 +13,7 @@ import random
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from torch import nn
 
 from layerwise.data.batches import TensorBatches
 from layerwise.data.frontend import FrontEnd, fit_frontend, frontend_from_json
+from layerwise.data.shards import ShardBatches, is_shard_folder, load_split, read_index
 from layerwise.data.sources import Example, Problem, Source, check_trainable, discover, discover_files, problems_note
 from layerwise.errors import InputError
 from layerwise.models.registry import Pretrained, model_entry
@@ -35,7 +36,15 @@ from layerwise.shift.reference import (
     calibrate,
     fit_reference,
 )
-from layerwise.tasks.base import FitOptions, Prepared, RunMismatch, default_batch_size, fingerprint, result_rows
+from layerwise.tasks.base import (
+    Batches,
+    FitOptions,
+    Prepared,
+    RunMismatch,
+    default_batch_size,
+    fingerprint,
+    result_rows,
+)
 
 PREDICT_BATCH = 256
 PREDICT_CHUNK = 1024  # files decoded at once by predict_stream: bounds memory for directories of any size
@@ -43,6 +52,7 @@ VAL_BATCH = 512
 ADAPT_BATCH = 128  # batch statistics of 128 inputs are stable; TENT takes one step per batch
 MAX_REPORT_EXAMPLES = 12
 MAX_GAUSSIAN_FIT = 5000  # training embeddings the OOD score's class Gaussians are fitted on
+PACKED_TRAIN_SAMPLE = 20_000  # packed training examples read into memory for the classical baseline and shift fits
 REPORT_ROBUSTNESS_EXAMPLES = 1000  # validation inputs the report's robustness table is measured on
 
 
@@ -155,6 +165,8 @@ class ClassifyTask(CrossEntropyObjective):
     @classmethod
     def prepare(cls, data: Path, options: FitOptions, saved: dict | None = None, donor=None, log=print) -> Prepared:
         """Discover, split and decode the data; fit (or, resuming, restore) the preprocessing."""
+        if is_shard_folder(data):
+            return cls.prepare_packed(data, options, saved, donor, log)
         modality = saved["modality"] if saved else options.modality
         source = discover(data, modality)
         if saved:
@@ -202,28 +214,15 @@ class ClassifyTask(CrossEntropyObjective):
         if saved:
             check_same_data(saved["data"], data_summary, source.root)
         model_name = early_model or default_model(source.modality, frontend, len(train_examples))
-        model_config = model_overrides(model_name, source.modality, frontend) | {"num_classes": len(class_names)}
-        recipe = fine_tuning_recipe(model_name)  # lr, batch size, patience of a pretrained model; {} otherwise
-        batch = options.batch_size or recipe.pop("batch_size", None) or default_batch_size(len(train_examples))
-        task = cls(frontend, class_names)
-        return Prepared(
-            task=task,
-            train_batches=TensorBatches(
-                train_inputs,
-                train_labels,
-                batch,
-                frontend.model_input,
-                frontend.augment,
-                shuffle=True,
+
+        def train_batches(batch: int) -> TensorBatches:
+            return TensorBatches(
+                train_inputs, train_labels, batch, frontend.model_input, frontend.augment, shuffle=True,
                 seed=options.seed,
-            ),  # fmt: skip
-            val_batches=TensorBatches(val_inputs, val_labels, VAL_BATCH, frontend.model_input),
-            model_name=model_name,
-            model_config=model_config,
-            data_summary=data_summary,
-            problems=problems,
-            batch_size=batch,
-            **recipe,
+            )  # fmt: skip
+
+        return cls.assemble(
+            frontend, class_names, model_name, len(train_examples), options, train_batches, data_summary, problems,
             extras={
                 "train_inputs": train_inputs,
                 "train_labels": train_labels,
@@ -233,7 +232,92 @@ class ClassifyTask(CrossEntropyObjective):
                 "decode_seconds": decode_seconds,
                 "split": f"validation: {options.val_fraction:.0%} of the data, stratified, seed {options.seed} "
                 "(also used for early stopping)",
-            },  # fmt: skip
+            },
+        )  # fmt: skip
+
+    @classmethod
+    def prepare_packed(cls, data: Path, options: FitOptions, saved: dict | None, donor, log=print) -> Prepared:
+        """Training data `layerwise pack` wrote: the split, preprocessing and problems were decided there;
+        the training shards are streamed, the validation split and a sample of training examples (for the
+        baseline and the shift reference) are read into memory."""
+        index = read_index(data)
+        modality = index["modality"]
+        if options.modality not in (None, modality):
+            raise InputError(f"--modality {options.modality}: {data} holds packed {modality} examples")
+        if donor is not None:
+            raise InputError(
+                f"--init with packed data: {data} was packed with its own preprocessing, which the --init run's "
+                "weights do not expect; train from the raw files with --init instead"
+            )
+        class_names = list(index["class_labels"])
+        if saved:
+            check_same_data(saved["data"], {"fingerprint": index["fingerprint"], "n_train": index["n_train"],
+                                            "n_val": index["n_val"]}, Path(data))  # fmt: skip
+        frontend = frontend_from_json(saved["preprocessing"] if saved else index["preprocessing"])
+        train_shards = [shard for shard in index["shards"] if shard["split"] == "train"]
+        val_shards = [shard for shard in index["shards"] if shard["split"] == "val"]
+        val_inputs, val_labels = load_split(data, val_shards)
+        train_sample, train_sample_labels = load_split(data, train_shards, limit=PACKED_TRAIN_SAMPLE)
+        val_examples = [
+            Example(e["origin"], e["label"], Path(e["path"]) if e["path"] else None, e.get("text"))
+            for e in index["val_examples"]
+        ]
+        problems = [Problem(p["path"], p["reason"]) for p in index["skipped"]]
+        log(f"{data}: {index['n_train']} + {index['n_val']} packed {modality} examples in "
+            f"{len(index['shards'])} shards, {len(class_names)} classes")  # fmt: skip
+        data_summary = {
+            "source": str(data), "packed_from": index["source"], "n_train": index["n_train"], "n_val": index["n_val"],
+            "n_skipped": len(problems), "val_fraction": index["val_fraction"], "fingerprint": index["fingerprint"],
+        }  # fmt: skip
+        model_name = options.model or default_model(modality, frontend, index["n_train"])
+        pretrained = model_entry(model_name).pretrained
+        if pretrained is not None and pretrained.fit_frontend is not None:
+            raise InputError(
+                f"--model {model_name} reads text with its own tokenizer, and {data} was packed with another; "
+                "train it from the raw data"
+            )
+        if options.val_fraction != index["val_fraction"]:
+            log(f"note: the validation split was fixed when {data} was packed ({index['val_fraction']:.0%}); "
+                f"--val-fraction {options.val_fraction} does not change it")  # fmt: skip
+
+        def train_batches(batch: int) -> ShardBatches:
+            return ShardBatches(
+                data, train_shards, batch, frontend.model_input, frontend.augment, shuffle=True, seed=options.seed
+            )
+
+        return cls.assemble(
+            frontend, class_names, model_name, index["n_train"], options, train_batches, data_summary, problems,
+            extras={
+                "train_inputs": train_sample,  # a sample: the classical baseline and shift reference fit on it
+                "train_labels": train_sample_labels,
+                "val_inputs": val_inputs,
+                "val_labels": val_labels,
+                "val_examples": val_examples,
+                "split": f"validation: {index['val_fraction']:.0%} of the data, stratified, seed {index['seed']}, "
+                "fixed when it was packed (also used for early stopping)",
+            },
+        )  # fmt: skip
+
+    @classmethod
+    def assemble(
+        cls, frontend: FrontEnd, class_names: list[str], model_name: str, n_train: int, options: FitOptions,
+        train_batches: Callable[[int], Batches], data_summary: dict, problems: list[Problem], extras: dict,
+    ) -> Prepared:  # fmt: skip
+        """The prepared task once the data is read: the model's settings, the batch size, the batches."""
+        model_config = model_overrides(model_name, frontend.modality, frontend) | {"num_classes": len(class_names)}
+        recipe = fine_tuning_recipe(model_name)  # lr, batch size, patience of a pretrained model; {} otherwise
+        batch = options.batch_size or recipe.pop("batch_size", None) or default_batch_size(n_train)
+        return Prepared(
+            task=cls(frontend, class_names),
+            train_batches=train_batches(batch),
+            val_batches=TensorBatches(extras["val_inputs"], extras["val_labels"], VAL_BATCH, frontend.model_input),
+            model_name=model_name,
+            model_config=model_config,
+            data_summary=data_summary,
+            problems=problems,
+            batch_size=batch,
+            **recipe,
+            extras=extras,
         )
 
     # ------------------------------------------------------------------ after training

@@ -1,7 +1,7 @@
 """Data-parallel training on torch.distributed, started by torchrun (never a home-made launcher or all-reduce).
 
 `layerwise train ... --devices N` re-runs the same command under `torchrun --standalone --nproc-per-node N`;
-on many machines a user starts torchrun on each (README, "Many GPUs, many machines"). Every process
+on many machines a user starts torchrun on each (README, "Many processes: `--devices N` and torchrun"). Every process
 reads the data, builds the same network from the same seed and trains on its own slice of each global
 batch; DistributedDataParallel averages the gradients, so N processes take the steps one process would
 take with the whole batch. Rank 0 alone validates, writes checkpoints and the run directory; its
@@ -29,6 +29,7 @@ from layerwise.errors import InputError
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
 # How long the processes of a `--devices N` run wait for each other to start.
 RENDEZVOUS_TIMEOUT_S = 120
+INTERRUPTED_EXIT = 130
 
 
 @dataclass(frozen=True)
@@ -158,13 +159,20 @@ def data_parallel(step: nn.Module, device: torch.device) -> nn.Module:
 # ---------------------------------------------------------------------- agreeing between ranks
 
 
-def agree(group: ProcessGroup, loss: torch.Tensor, stop_flags: list[bool]) -> tuple[torch.Tensor, list[bool]]:
-    """One all-reduce per step: the mean loss over ranks, and each stop flag raised by any rank."""
+def agree(
+    group: ProcessGroup, loss: torch.Tensor, clock: float, stop_flags: list[bool]
+) -> tuple[torch.Tensor, float, list[bool]]:
+    """One all-reduce per step: the mean loss over ranks, rank 0's clock (seconds of training, which drive
+    the schedule and the time budget), and each stop flag raised by any rank."""
     if not group.distributed:
-        return loss, stop_flags
-    values = torch.tensor([float(loss.detach()), *map(float, stop_flags)], dtype=torch.float64)
+        return loss, clock, stop_flags
+    own_clock = clock if group.rank == 0 else 0.0
+    values = [float(loss.detach()), own_clock, *map(float, stop_flags)]
+    # On the loss's device: NCCL reduces CUDA tensors only.
+    values = torch.tensor(values, dtype=torch.float64, device=loss.device)
     dist.all_reduce(values)
-    return (values[0] / group.world_size).to(loss.dtype), [bool(v > 0) for v in values[1:].tolist()]
+    agreed = values.tolist()
+    return (values[0] / group.world_size).to(loss.dtype), agreed[1], [v > 0 for v in agreed[2:]]
 
 
 def from_rank0(group: ProcessGroup, value: Any) -> Any:
@@ -195,7 +203,17 @@ def launch(devices: int, argv: list[str], max_restarts: int = 0) -> int:
         "-m", "layerwise", *argv,
     ]  # fmt: skip
     print(f"launching {devices} processes: {shlex.join(command[2:])}", file=sys.stderr)
-    code = subprocess.call(command, env=env)
+    process = subprocess.Popen(command, env=env)
+    interrupted = False
+    while True:
+        try:
+            code = process.wait()
+            break
+        except KeyboardInterrupt:  # torchrun got the same Ctrl-C: wait while its processes checkpoint and stop
+            interrupted = True
+    if interrupted:
+        print("interrupted: the last checkpoint is kept; continue with --resume", file=sys.stderr)
+        return INTERRUPTED_EXIT
     if code != 0:
         print(
             f"the {devices}-process run failed (exit code {code}); torchrun's summary above names the rank "

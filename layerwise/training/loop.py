@@ -310,6 +310,11 @@ def train(
         raise InputError(
             f"{out_dir} already holds a training run; pass --resume to continue it or choose another --out"
         )
+    if from_rank0(group, state.global_step) != state.global_step:  # every rank must start from the same step
+        raise InputError(
+            f"rank {group.rank} would start at step {state.global_step} but rank 0 at another: every process must "
+            f"read the same run folder ({out_dir}); on several machines, give --out a folder they all share"
+        )
     if out_dir is not None and writes:  # history.jsonl holds exactly the epochs the (restored) state has seen
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in state.history))
@@ -350,6 +355,7 @@ def train(
         state.stop_kind, state.stop_reason = kind, reason
 
     last_good = snapshot()  # rolled back to after repeated non-finite steps
+    clock = seconds_before  # training seconds as rank 0 counts them, agreed after every step
     bad_steps = 0
     backbone_frozen = False
     last_checkpoint = time.perf_counter()
@@ -370,8 +376,8 @@ def train(
             epoch_started, rolled_back = time.perf_counter(), False
             for x, y in train_batches.epoch(state.epoch, start=state.step_in_epoch):
                 progress_fraction = state.global_step / total_steps
-                if config.time_budget_s:  # finish the schedule when the budget runs out
-                    progress_fraction = max(progress_fraction, elapsed() / config.time_budget_s)
+                if config.time_budget_s:  # finish the schedule when the budget runs out (rank 0's clock)
+                    progress_fraction = max(progress_fraction, clock / config.time_budget_s)
                 state.lr = state.lr_scale * learning_rate(config, progress_fraction)
                 frozen = progress_fraction < config.freeze_fraction
                 if frozen != backbone_frozen:  # no gradients for a frozen backbone: no backward cost, no clipping share
@@ -386,17 +392,15 @@ def train(
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
                 grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                time_up = bool(config.time_budget_s and elapsed() >= config.time_budget_s)
                 checkpoint_due = time.perf_counter() - last_checkpoint >= config.checkpoint_every_s
-                # Every rank takes the same decisions: on the mean loss and on any rank's stop or clock.
-                loss, (signalled, time_up, checkpoint_due) = agree(
-                    group, loss, [bool(stop_requests), time_up, checkpoint_due]
+                # Every rank takes the same decisions: on the mean loss, rank 0's clock (the schedule and
+                # the time budget) and any rank's stop request.
+                loss, clock, (signalled, checkpoint_due) = agree(
+                    group, loss, elapsed(), [bool(stop_requests), checkpoint_due]
                 )
-                overflow = scaler.is_enabled() and not torch.isfinite(grad_norm)
-                if overflow and torch.isfinite(loss):
-                    scaler.step(optimizer)  # skipped by the scaler, which lowers the scale
-                    scaler.update()
-                elif not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                time_up = bool(config.time_budget_s and clock >= config.time_budget_s)
+                outcome = _apply_gradients(optimizer, scaler, loss, grad_norm)
+                if outcome == STEP_BAD:
                     bad_steps += 1  # skip the update: NaN must never reach the weights
                     log(f"step {state.global_step}: non-finite loss or gradient, update skipped")
                     if bad_steps >= MAX_BAD_STEPS:
@@ -410,10 +414,8 @@ def train(
                         best_weights = _prefixed(last_good[0], "best.")
                         bad_steps, rolled_back = 0, True
                         break
-                else:
+                elif outcome == STEP_TAKEN:
                     bad_steps = 0
-                    scaler.step(optimizer)
-                    scaler.update()
                     state.epoch_loss_sum += loss.item()
                     for name, value in stats.items():
                         state.epoch_stat_sums[name] = state.epoch_stat_sums.get(name, 0.0) + value
@@ -473,6 +475,28 @@ def train(
     return TrainResult(
         state.history, state.best_epoch, state.best_score, state.stop_reason, elapsed(), state.global_step
     )
+
+
+STEP_TAKEN, STEP_OVERFLOW, STEP_BAD = "taken", "overflow", "bad"
+
+
+def _apply_gradients(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss, grad_norm) -> str:
+    """Step the optimizer unless the step is not finite, and close the scaler's step on every path.
+
+    STEP_TAKEN: an update. STEP_OVERFLOW (fp16 only): the gradients overflowed; the scaler skips the update
+    and lowers its scale, which is routine, not divergence. STEP_BAD: a non-finite loss (or gradients outside
+    fp16): nothing reaches the weights, and the loop counts it.
+    """
+    if torch.isfinite(loss) and torch.isfinite(grad_norm):
+        outcome = STEP_TAKEN
+    elif scaler.is_enabled() and torch.isfinite(loss):
+        outcome = STEP_OVERFLOW
+    else:
+        outcome = STEP_BAD
+    if outcome != STEP_BAD:
+        scaler.step(optimizer)  # an overflow is skipped inside: the scaler saw the inf gradients in unscale_
+    scaler.update()  # after every unscale_: adjusts the scale, and the next step may unscale again
+    return outcome
 
 
 def _cpu_copy(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,200 @@
+"""Data larger than memory: decoded, validated examples packed once into shards, then streamed.
+
+`layerwise pack DATA --out SHARDS` reads DATA as training would (the split, the preprocessing fitted on
+the training part, every bad file reported by name), decodes it in shards of `shard_size` examples and
+writes each as `train-00000.safetensors` / `val-00000.safetensors` (`inputs`: the cached tensor the
+front end makes, `labels`: int64) with an `index.json` — into a staging folder renamed at the end, so
+an interrupted pack never looks complete. The examples are shuffled (seeded) before they are cut into
+shards, so every shard is a random sample of the classes.
+
+`ShardBatches` streams the training shards with bounded memory, whatever the dataset size: per epoch
+the shard order is shuffled, and the examples within each shard; batch `i` of epoch `e` depends only on
+(seed, e, i), so a run resumes mid-epoch exactly. At most the current shard and the examples of one batch
+are in memory. safetensors, not pickle: a shard executes no code when read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from layerwise.data.batches import seeded_generator
+from layerwise.data.sources import Example, Problem
+from layerwise.errors import InputError
+
+SHARD_FORMAT = "layerwise-shards/1"
+INDEX_FILE = "index.json"
+DEFAULT_SHARD_SIZE = 4096
+
+
+def is_shard_folder(data: Path) -> bool:
+    """A folder `layerwise pack` wrote (its index.json names the format)."""
+    index = Path(data) / INDEX_FILE
+    if not index.is_file():
+        return False
+    try:
+        return json.loads(index.read_text()).get("format") == SHARD_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def read_index(data: Path) -> dict:
+    path = Path(data) / INDEX_FILE
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path}: not a readable shard index ({err})") from err
+    if index.get("format") != SHARD_FORMAT:
+        raise InputError(f"{path}: format {index.get('format')!r}, expected {SHARD_FORMAT!r}")
+    for shard in index["shards"]:
+        if not (Path(data) / shard["file"]).is_file():
+            raise InputError(f"{Path(data) / shard['file']}: shard listed in {path} is missing")
+    return index
+
+
+def load_shard(data: Path, shard: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, labels) of one shard, checked against the index."""
+    path = Path(data) / shard["file"]
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise InputError(f"{path}: not a readable shard ({err})") from err
+    sizes = {len(tensor) for tensor in tensors.values()}
+    if set(tensors) != {"inputs", "labels"} or sizes != {shard["n"]}:
+        raise InputError(f"{path}: does not hold the {shard['n']} examples its index lists")
+    return tensors["inputs"], tensors["labels"]
+
+
+def write_shards(
+    out: Path,
+    splits: dict[str, list[Example]],
+    class_names: list[str],
+    frontend,
+    shard_size: int,
+    seed: int,
+    log: Callable[[str], None] = print,
+) -> tuple[list[dict], dict[str, list[Example]], list[Problem]]:
+    """Decode each split's examples shard by shard into `out` (a staging folder).
+
+    Returns the shard entries, the examples kept per split (in shard order) and the problems.
+    """
+    label_index = {name: i for i, name in enumerate(class_names)}
+    shards, kept_by_split, problems = [], {}, []
+    for split, examples in splits.items():
+        order = torch.randperm(len(examples), generator=seeded_generator(seed, len(examples))).tolist()
+        examples = [examples[i] for i in order]
+        kept_by_split[split] = []
+        for k, first in enumerate(range(0, len(examples), shard_size)):
+            chunk = examples[first : first + shard_size]
+            inputs, kept, chunk_problems = frontend.decode_all(chunk)
+            problems += chunk_problems
+            chunk = [chunk[i] for i in kept]
+            if not chunk:
+                continue
+            labels = torch.tensor([label_index[ex.label] for ex in chunk], dtype=torch.int64)
+            name = f"{split}-{k:05d}.safetensors"
+            save_file({"inputs": inputs.contiguous(), "labels": labels}, str(out / name))
+            shards.append({"file": name, "split": split, "n": len(chunk)})
+            kept_by_split[split] += chunk
+            log(f"{split} shard {k + 1}/{-(-len(examples) // shard_size)}: {len(chunk)} examples")
+    return shards, kept_by_split, problems
+
+
+def publish(staging: Path, out: Path) -> None:
+    """Make the finished staging folder `out`, in one rename."""
+    for path in staging.iterdir():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    if out.exists():
+        out.rmdir()  # only ever an empty folder: `pack` refused a non-empty one, and nothing else is removed
+    os.replace(staging, out)
+
+
+class ShardBatches:
+    """Seeded batches streamed from shards: the shard order and each shard's order are shuffled per epoch."""
+
+    def __init__(
+        self,
+        data: Path,
+        shards: list[dict],
+        batch_size: int,
+        to_model_input: Callable[[torch.Tensor], torch.Tensor],
+        augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self.data, self.shards = Path(data), shards
+        self.batch_size, self.to_model_input, self.augment = batch_size, to_model_input, augment
+        self.shuffle, self.seed = shuffle, seed
+        self.n = sum(shard["n"] for shard in shards)
+        self.drop_last = shuffle and self.n >= 2 * batch_size  # as TensorBatches: no tiny last training batch
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield batches `start`, `start+1`, ... of epoch `epoch`.
+
+        A batch is gathered from the loaded shard by index (a copy of just its examples), so when the next
+        shard is read only the current one and the pieces of one batch are held.
+        """
+        shard_order = list(range(len(self.shards)))
+        if self.shuffle:
+            shard_order = torch.randperm(len(self.shards), generator=seeded_generator(self.seed, epoch)).tolist()
+        skip = start * self.batch_size  # examples before batch `start`, in this epoch's order
+        pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
+        pending, i = 0, start
+        for s in shard_order:
+            if i >= len(self):
+                return
+            shard = self.shards[s]
+            if skip >= shard["n"]:  # wholly before `start`: not even read
+                skip -= shard["n"]
+                continue
+            inputs, labels = load_shard(self.data, shard)
+            order = torch.arange(shard["n"])
+            if self.shuffle:
+                order = torch.randperm(shard["n"], generator=seeded_generator(self.seed, epoch, s, 1))
+            order, skip = order[skip:], 0
+            while len(order) and i < len(self):
+                take, order = order[: self.batch_size - pending], order[self.batch_size - pending :]
+                pieces.append((inputs[take], labels[take]))
+                pending += len(take)
+                if pending == self.batch_size:
+                    yield self._batch(pieces, epoch, i)
+                    pieces, pending, i = [], 0, i + 1
+            del inputs, labels  # before the next shard is read
+        if pieces and i < len(self):  # the ragged last batch (evaluation)
+            yield self._batch(pieces, epoch, i)
+
+    def _batch(self, pieces: list[tuple[torch.Tensor, torch.Tensor]], epoch: int, i: int):
+        inputs = torch.cat([piece[0] for piece in pieces])
+        labels = torch.cat([piece[1] for piece in pieces])
+        if self.augment is not None:
+            inputs = self.augment(inputs, seeded_generator(self.seed, epoch, i))
+        return self.to_model_input(inputs), labels
+
+
+def load_split(data: Path, shards: list[dict], limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The examples of `shards` in memory, in index order (the first `limit` of them when given)."""
+    inputs, labels, n = [], [], 0
+    for shard in shards:
+        if limit is not None and n >= limit:
+            break
+        shard_inputs, shard_labels = load_shard(data, shard)
+        inputs.append(shard_inputs)
+        labels.append(shard_labels)
+        n += len(shard_labels)
+    if not inputs:
+        raise InputError(f"{data}: no shards of this split to read")
+    # Copies of just the first `limit`: a view would keep the whole concatenation alive.
+    return torch.cat(inputs)[:limit].clone(), torch.cat(labels)[:limit].clone()

@@ -1,0 +1,113 @@
+"""`layerwise pack` and training from shards: bounded memory, exact order, every example once per epoch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from layerwise.data import shards as shards_module
+from layerwise.data.shards import ShardBatches, read_index
+from layerwise.errors import InputError
+from layerwise.pack import pack
+
+
+@pytest.fixture(scope="module")
+def packed(fashion_train, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("packed") / "shards"
+    pack(fashion_train, out, shard_size=64, log=lambda _: None)
+    return out
+
+
+def batches_of(packed: Path, batch_size: int = 32, shuffle: bool = True) -> ShardBatches:
+    index = read_index(packed)
+    train = [shard for shard in index["shards"] if shard["split"] == "train"]
+    return ShardBatches(packed, train, batch_size, lambda x: x, shuffle=shuffle, seed=5)
+
+
+def test_pack_writes_shards_an_index_and_a_stratified_split(packed):
+    index = read_index(packed)
+    assert index["n_train"] == 540 and index["n_val"] == 60 and len(index["class_labels"]) == 10
+    assert sum(s["n"] for s in index["shards"] if s["split"] == "train") == 540
+    assert max(s["n"] for s in index["shards"]) == 64
+    assert index["preprocessing"]["modality"] == "image" and len(index["val_examples"]) == 60
+
+
+def test_each_training_example_comes_once_per_epoch_in_batches_that_mix_shards(packed):
+    batches = batches_of(packed)
+    labels = [y for _, y in batches.epoch(0)]
+    assert len(labels) == len(batches) == 540 // 32  # full batches only, as TensorBatches
+    assert sum(len(y) for y in labels) == 32 * (540 // 32)
+    first = next(iter(batches.epoch(0)))[0]
+    assert len(set(first.flatten(1).sum(1).tolist())) > 20  # different images
+    assert all(len(torch.unique(y)) >= 4 for y in labels)  # packed in a shuffled order: classes mixed
+    assert not torch.equal(torch.cat(labels), torch.cat([y for _, y in batches.epoch(1)]))  # reshuffled
+
+
+def test_a_resumed_epoch_yields_exactly_the_remaining_batches_without_reading_earlier_shards(packed, monkeypatch):
+    batches = batches_of(packed)
+    whole = list(batches.epoch(3))
+    reads = []
+    original = shards_module.load_shard
+    monkeypatch.setattr(shards_module, "load_shard", lambda data, shard: reads.append(shard) or original(data, shard))
+    resumed = list(batches.epoch(3, start=10))
+    assert len(resumed) == len(whole) - 10
+    for (x, y), (x2, y2) in zip(whole[10:], resumed, strict=True):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert len(reads) < len(read_index(packed)["shards"]) - 1  # shards wholly before batch 10 are never read
+
+
+def test_evaluation_batches_cover_every_example_in_order(packed):
+    index = read_index(packed)
+    val = [shard for shard in index["shards"] if shard["split"] == "val"]
+    batches = ShardBatches(packed, val, 16, lambda x: x)
+    assert sum(len(y) for _, y in batches.epoch(0)) == index["n_val"]
+
+
+@pytest.mark.slow
+def test_train_from_shards_writes_a_complete_run(packed, cli, tmp_path):
+    code, out, err = cli("train", packed, "--out", tmp_path / "run", "--epochs", "2", "--no-progress")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert summary["steps"] == 2 * (540 // config["train"]["batch_size"])
+    assert config["data"]["packed_from"].endswith("train") and config["data"]["n_train"] == 540
+    assert summary["baseline"]["accuracy"] > 0.3 and (tmp_path / "run" / "report.html").is_file()
+
+
+def test_pack_refuses_what_it_cannot_do_and_names_it(packed, tmp_path, fashion_train, cli):
+    code, _, err = cli("pack", fashion_train, "--out", packed)
+    assert code == 2 and "not an empty folder" in err
+    broken = tmp_path / "broken"
+    shutil.copytree(packed, broken)
+    (broken / "train-00001.safetensors").unlink()
+    with pytest.raises(InputError, match="train-00001.safetensors: shard listed"):
+        read_index(broken)
+    shutil.copytree(packed, tmp_path / "corrupt")
+    (tmp_path / "corrupt" / "train-00000.safetensors").write_bytes(b"not a shard")
+    code, _, err = cli("train", tmp_path / "corrupt", "--out", tmp_path / "run", "--no-progress")
+    assert code == 2 and "train-00000.safetensors" in err and "not a readable shard" in err
+    scenes = tmp_path / "scenes"
+    scenes.mkdir()
+    (scenes / "annotations.json").write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    code, _, err = cli("pack", scenes, "--out", tmp_path / "s", "--task", "detect")
+    assert code == 2 and "classify" in err
+
+
+def test_bad_files_are_named_in_the_index_and_the_rest_is_packed(fashion_train, tmp_path, cli):
+    data = tmp_path / "data"
+    shutil.copytree(fashion_train, data)
+    (data / "bag" / "broken.png").write_bytes(b"\x89PNG broken")
+    code, out, err = cli("pack", data, "--out", tmp_path / "shards", "--shard-size", "128", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["skipped"] == 1 and summary["n_train"] + summary["n_val"] == 600
+    assert "broken.png" in read_index(tmp_path / "shards")["skipped"][0]["path"]
+
+
+def test_curve_asks_for_the_raw_data_not_the_shards(packed, cli, tmp_path):
+    code, _, err = cli("curve", packed, "--out", tmp_path / "curve")
+    assert code == 2 and "packed shards" in err
