@@ -20,6 +20,7 @@ from rich.console import Console
 
 from layerwise import __version__
 from layerwise.bundle import CONFIG_FILE, FORMAT_VERSION, Model, load
+from layerwise.curve import CURVE_FILE, read_finished_curve
 from layerwise.data.sources import Problem
 from layerwise.errors import InputError
 from layerwise.files import write_atomic, write_json
@@ -29,7 +30,7 @@ from layerwise.tasks import detect_task, task_class
 from layerwise.tasks.base import FitOptions, RunMismatch
 from layerwise.training.checkpoint import Checkpoint, CheckpointError, list_checkpoints, load_latest_checkpoint
 from layerwise.training.distributed import device_for, leave, process_group_from_env
-from layerwise.training.loop import LoopState, TrainConfig, train
+from layerwise.training.loop import LoopState, TrainConfig, stage_depths, train
 
 __all__ = ["fit", "load"]
 
@@ -99,13 +100,15 @@ def fit(
     device: str | None = None,
     precision: str | None = None,
     compile: bool | None = None,
+    curve: str | Path | None = None,
     show_progress: bool = True,
 ) -> Model:
     """Train on raw files under `data`; write the run directory `out` if given.
 
     Options left as None take their defaults, or, with `resume=True`, the saved run's values.
     Started by torchrun (WORLD_SIZE > 1), every process trains and rank 0 alone writes the run; the
-    other ranks return the trained network without metrics.
+    other ranks return the trained network without metrics. `curve`: a `layerwise curve` folder made on
+    this data, shown in the run's report (classification).
     """
     started = time.perf_counter()
     group = process_group_from_env()
@@ -128,11 +131,14 @@ def fit(
             log("note: --init is ignored on --resume; the run continues from its own checkpoint")
             init = None
     resolve_precision(settings.precision, resolve_device(device_for(group, settings.device)))  # fail before any work
+    learning_curve = read_finished_curve(curve) if curve is not None else None
     if run_dir is not None and group.writes_run:
         check_writable(run_dir)
     seed_everything(settings.seed)
 
     task_type = task_class(settings.task or detect_task(Path(data)))
+    if learning_curve is not None and not getattr(task_type, "learning_curves", False):
+        raise InputError(f"--curve: learning curves are made for classification, not for {task_type.name} runs")
     donor = load(init) if init is not None else None
     if donor is not None:
         check_donor(donor, task_type, Path(init))
@@ -144,6 +150,7 @@ def fit(
     if group.writes_run:
         report_problems(prepared.problems)
     network = create_model(prepared.model_name, **prepared.model_config)
+    fresh: tuple[str, ...] = ()  # backbone parameters a transfer leaves at random values
     approach = saved.get("approach", "from scratch") if saved is not None else "from scratch"
     if donor is None and (saved is None or not list_checkpoints(run_dir / "checkpoints")):
         # A new run of a model with published weights starts from them (a resumed one from its checkpoint).
@@ -157,10 +164,10 @@ def fit(
                 f"--init {init}: that run learned from {donor.task.modality}, this data is "
                 f"{prepared.task.modality}; give a run of the same modality"
             )
-        transfer_weights(network, donor, prepared.task, Path(init))
+        fresh = transfer_weights(network, donor, prepared.task, Path(init))
         kind = getattr(donor.task, "transfer_kind", "transferred")
         approach = f"{kind} in {Path(init).name}, then fine-tuned"
-    schedule = transfer_schedule(saved, approach != "from scratch", freeze_fraction, layer_decay)
+    schedule = transfer_schedule(saved, approach != "from scratch", freeze_fraction, layer_decay, fresh)
     config = TrainConfig(
         epochs=settings.epochs, batch_size=prepared.batch_size, lr=settings.lr or prepared.lr,
         time_budget_s=settings.time_budget,
@@ -222,14 +229,31 @@ def fit(
         "device": str(next(network.parameters()).device), "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
         "processes": group.world_size,
     }  # fmt: skip
+    if learning_curve is not None:
+        learning_curve = matched_curve(learning_curve, prepared.data_summary, log)
+        summary["learning_curve"] = learning_curve["verdict"]
     if run_dir is not None:
         bundle.save(run_dir)
+        if learning_curve is not None:
+            write_json(run_dir / CURVE_FILE, learning_curve)  # the report reads it from the run
         for name, content in getattr(prepared.task, "run_files", dict)().items():
             write_atomic(run_dir / name, content)
         prepared.task.write_report(run_dir, bundle, summary, result, prepared, log=log)
         write_json(run_dir / "metrics.json", summary)  # last: its "steps" marks the run files as complete
     bundle.summary = summary
     return bundle
+
+
+def matched_curve(curve: dict, data_summary: dict, log) -> dict:
+    """The curve, with a note in its report section when it was measured on other data than this run's."""
+    if curve["data"].get("fingerprint") == data_summary["fingerprint"]:
+        return curve
+    note = (
+        f"this learning curve was measured on {curve['data'].get('source')} ({curve['data'].get('n_train')} "
+        f"training examples), not on exactly this run's data and split"
+    )
+    log(f"note: --curve: {note}")
+    return curve | {"notes": [*curve.get("notes", []), note[0].upper() + note[1:] + "."]}
 
 
 def saved_config(run_dir: Path | None) -> dict:
@@ -356,21 +380,27 @@ def check_donor(donor: Model, task_type: type, init_run: Path) -> None:
 
 
 def transfer_schedule(
-    saved: dict | None, transferring: bool, freeze_fraction: float | None, layer_decay: float | None
-) -> dict[str, float]:
-    """freeze_fraction and layer_decay for TrainConfig: the saved ones on --resume (the schedule continues
-    exactly), the transfer defaults with --init, else none (or what the user asked for)."""
+    saved: dict | None,
+    transferring: bool,
+    freeze_fraction: float | None,
+    layer_decay: float | None,
+    fresh: tuple[str, ...] = (),
+) -> dict:
+    """freeze_fraction, layer_decay and fresh_parameters for TrainConfig: the saved ones on --resume (the
+    schedule continues exactly), the transfer defaults with --init, else none (or what the user asked for)."""
     if saved is not None:
         if freeze_fraction is not None or layer_decay is not None:
             say("note: --freeze-fraction and --layer-decay are ignored on --resume; the run keeps its schedule")
         train_config = saved["train"]
-        return {k: train_config[k] for k in ("freeze_fraction", "layer_decay") if k in train_config}
+        kept = {k: train_config[k] for k in ("freeze_fraction", "layer_decay") if k in train_config}
+        return kept | ({"fresh_parameters": tuple(train_config["fresh_parameters"])} if train_config.get(
+            "fresh_parameters") else {})  # fmt: skip
     defaults = (TRANSFER_FREEZE_FRACTION, TRANSFER_LAYER_DECAY) if transferring else (0.0, 1.0)
     chosen = (
         defaults[0] if freeze_fraction is None else freeze_fraction,
         defaults[1] if layer_decay is None else layer_decay,
     )
-    return {"freeze_fraction": chosen[0], "layer_decay": chosen[1]}
+    return {"freeze_fraction": chosen[0], "layer_decay": chosen[1]} | ({"fresh_parameters": fresh} if fresh else {})
 
 
 def donor_tensor_names(network: torch.nn.Module, donor: torch.nn.Module) -> dict[str, str]:
@@ -396,11 +426,12 @@ def module_prefixes(network: torch.nn.Module) -> dict[str, str]:
     return {name: paths[id(module)] for name, module in named_stages() if id(module) in paths}
 
 
-def transfer_weights(network: torch.nn.Module, donor: Model, own_task, init_run: Path) -> None:
+def transfer_weights(network: torch.nn.Module, donor: Model, own_task, init_run: Path) -> tuple[str, ...]:
     """Start from another run's weights wherever names and shapes match (the head usually won't).
 
     Token embeddings are copied only when both runs share the tokenizer: rows of two different
-    vocabularies mean different tokens even when the shapes agree.
+    vocabularies mean different tokens even when the shapes agree. Returns the backbone parameters (inside
+    the stages a transfer schedule freezes) that were not filled, so that the schedule does not freeze them.
     """
     own = network.state_dict()
     renamed = donor_tensor_names(network, donor.network)
@@ -431,6 +462,10 @@ def transfer_weights(network: torch.nn.Module, donor: Model, own_task, init_run:
     say(f"initialised {len(matched)}/{len(own)} tensors from {init_run}")
     if differ:
         say(f"--init: {len(differ)} tensor(s) of equal name but different shape start fresh, e.g. {differ[0]}")
+    fresh = tuple(name for name in stage_depths(network) if name not in matched)
+    if fresh:
+        say(f"--init: {len(fresh)} backbone parameter(s) start fresh and learn from the first step, e.g. {fresh[0]}")
+    return fresh
 
 
 def tokenizer_of(task) -> str | None:

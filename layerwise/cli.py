@@ -88,6 +88,8 @@ def print_summary(bundle, run_dir: Path | None) -> None:
         table.add_row(name, value)
     out_console.print(table)
     out_console.print(summary["verdict"])
+    if "learning_curve" in summary:
+        out_console.print(f"learning curve: {summary['learning_curve']}")
     out_console.print(f"stopped: {summary['stop_reason']}; training took {summary['train_seconds']} s")
     if run_dir is not None:
         out_console.print(f"run directory: {run_dir}  (report: {run_dir / 'report.html'})")
@@ -156,6 +158,13 @@ def train_command(
             help="With --init: each earlier stage learns at this fraction of the next one's rate. [default: 0.75]",
         ),
     ] = None,
+    curve: Annotated[
+        Path | None,
+        typer.Option(
+            "--curve",
+            help="A `layerwise curve` folder made on this data: its learning curve goes into the run's report.",
+        ),
+    ] = None,
     checkpoint_every: Annotated[
         float | None,
         typer.Option("--checkpoint-every", help="Also checkpoint mid-epoch at most every SEC seconds. [default: 300]"),
@@ -208,7 +217,7 @@ def train_command(
         data, out, task=task, modality=modality, model=model, epochs=epochs, time_budget=time_budget, seed=seed,
         val_fraction=val_fraction, batch_size=batch_size, lr=lr, init=init, resume=resume, show_progress=progress,
         freeze_fraction=freeze_fraction, layer_decay=layer_decay,
-        checkpoint_every=checkpoint_every, device=device, precision=precision, compile=compile_model,
+        checkpoint_every=checkpoint_every, device=device, precision=precision, compile=compile_model, curve=curve,
     )  # fmt: skip
     if group.writes_run:
         print_summary(bundle, out)

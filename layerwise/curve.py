@@ -417,6 +417,24 @@ def existing_curve(out_dir: Path | None, resume: bool, overwrite: bool) -> dict 
     return document
 
 
+def read_finished_curve(path: str | Path) -> dict:
+    """The finished curve in `path` (a `layerwise curve --out` folder, or its curve.json), for a run's report."""
+    path = Path(path)
+    file = path / CURVE_FILE if path.is_dir() else path
+    if not file.is_file():
+        unfinished = " (it holds an unfinished one: finish it with --resume)" if (path / PARTIAL_FILE).is_file() else ""
+        raise InputError(f"--curve {path}: no finished learning curve there{unfinished}; make one with "
+                         "`layerwise curve DATA --out DIR`")  # fmt: skip
+    try:
+        curve = json.loads(file.read_text())
+        complete = len(curve["points"]) == len(FRACTIONS) and {"fit", "estimate", "verdict", "data"} <= set(curve)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise InputError(f"--curve {file}: not a learning curve written by layerwise ({err})") from err
+    if not complete:
+        raise InputError(f"--curve {file}: not a finished learning curve written by layerwise")
+    return curve
+
+
 def resumed_settings(previous: dict, given: dict) -> CurveSettings:
     """The saved curve's settings with a new --target if given; any other changed option is refused."""
     names = {f.name for f in fields(CurveSettings)}

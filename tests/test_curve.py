@@ -111,6 +111,16 @@ def test_curve_on_small_real_data(cli, three_classes: Path, tmp_path: Path) -> N
     assert resumed["points"] == points and resumed["estimate"]["target"] == 0.99
     assert "deep time" in stdout and resumed["verdict"] in " ".join(stdout.split())
 
+    # A run trained on the same data and split shows the curve in its report and says its verdict.
+    run = tmp_path / "run"
+    code, stdout, stderr = cli("train", three_classes, "--out", run, "--epochs", "1", "--val-fraction", "0.2",
+                               "--curve", out, "--no-progress")  # fmt: skip
+    assert code == 0, stderr
+    assert json.loads((run / "curve.json").read_text()) == resumed and "learning curve:" in stdout
+    assert json.loads((run / "metrics.json").read_text())["learning_curve"] == resumed["verdict"]
+    report = (run / "report.html").read_text()
+    assert "<h2>Learning curve</h2>" in report and "not on exactly this run" not in report
+
 
 def test_curve_refuses_too_little_data(cli, fashion_train: Path, tmp_path: Path) -> None:
     data = tmp_path / "small"
@@ -139,3 +149,14 @@ def test_curve_refuses_what_it_cannot_measure(cli, tmp_path: Path) -> None:
 
     code, _, stderr = cli("curve", corpus, "--out", tmp_path / "out", "--target", "90")
     assert code == 2 and "--target" in stderr and "0.9" in stderr
+
+
+def test_train_refuses_a_curve_that_is_not_there_or_not_finished(cli, three_classes: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, stderr = cli("train", three_classes, "--out", tmp_path / "run", "--curve", empty)
+    assert code == 2 and f"--curve {empty}: no finished learning curve there" in " ".join(stderr.split())
+    (empty / "curve.json").write_text('{"points": []}')
+    code, _, stderr = cli("train", three_classes, "--out", tmp_path / "run", "--curve", empty)
+    assert code == 2 and "not a finished learning curve" in stderr
+    assert not (tmp_path / "run").exists()  # refused before anything was written

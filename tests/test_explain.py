@@ -223,7 +223,7 @@ def test_every_registered_model_is_explained_through_its_stages(name: str) -> No
     network = create_model(name, num_classes=4, **frontend.model_inputs).eval()
     x = frontend.model_input(inputs[:2])
     for method in ("ig", "gradcam"):
-        for attribution in attribute(network, x, torch.tensor([0, 3]), method):
+        for attribution in attribute(network, x, torch.tensor([0, 3]), method, getattr(frontend, "token_roles", None)):
             expected = x.shape[1:] if method == "ig" or modality == "text" else x.shape[2:]
             assert attribution.scores.shape == expected and torch.isfinite(attribution.scores).all()
     analysis = analyse_layers(network, frontend, ["a", "b", "c", "d"], inputs, np.arange(40) % 4)
@@ -301,3 +301,16 @@ def test_audio_explain_draws_over_the_spectrogram(cli, spoken_digits, tmp_path) 
     assert (tmp_path / "why" / record["files"]["gradcam"]).read_bytes().startswith(b"\x89PNG")
     page = (run / "report.html").read_text()
     assert "What each layer learned" in page and "Not available" not in page
+
+
+def test_a_probe_scores_only_classes_it_has_seen() -> None:
+    from layerwise.explain.layers import halves, probe_accuracy
+
+    features = np.random.default_rng(0).normal(size=(20, 10))
+    one_each = np.arange(10)  # 10 held-out examples, one per class: nothing can be learned and scored
+    fit, score = halves(one_each, seed=0)
+    assert np.isnan(probe_accuracy(features[:10], one_each, fit, score, seed=0))
+    two_each = np.repeat(np.arange(10), 2)
+    fit, score = halves(two_each, seed=0)
+    separable = features + 10 * np.eye(10)[two_each]  # each class lifts a feature of its own
+    assert probe_accuracy(separable, two_each, fit, score, seed=0) == 1.0

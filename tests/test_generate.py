@@ -19,9 +19,9 @@ TRAIN_ARGS = ["--epochs", "2", "--batch-size", "8", "--checkpoint-every", "0", "
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    """About 30 kB of real English: quotes from Debian's fortunes, as one .txt file."""
+    """About 15 kB of real English: quotes from Debian's fortunes, as one .txt file."""
     path = tmp_path_factory.mktemp("corpus") / "computers.txt"
-    path.write_text((FORTUNES / "computers").read_text(encoding="utf-8", errors="replace")[:30_000])
+    path.write_text((FORTUNES / "computers").read_text(encoding="utf-8", errors="replace")[:15_000])
     return path
 
 

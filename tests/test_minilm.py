@@ -133,6 +133,22 @@ def test_the_front_end_writes_cls_text_sep_and_round_trips(frontend) -> None:
     assert counts.shape[1] == 30522 and counts[0, cls] == counts[0, sep] == counts[0, pad] == 0
 
 
+@needs_package
+def test_explanations_read_the_encoders_own_special_ids(frontend, encoder) -> None:
+    from layerwise.explain import attribute
+    from layerwise.explain.attribution import baseline_for
+    from layerwise.explain.stages import token_mask
+
+    x = frontend.model_input(
+        frontend.encode_raw(["Hello world", "tiny"])
+    )  # [CLS] hello world [SEP] / [CLS] tiny [SEP] [PAD]
+    words = token_mask(x, frontend.token_roles)
+    assert words.tolist() == [[False, True, True, False], [False, True, False, False]]
+    assert baseline_for(x, frontend.token_roles).tolist() == [[101, 103, 103, 102], [101, 103, 102, 0]]
+    (ig,) = attribute(encoder, x[:1], torch.tensor([0]), "ig", frontend.token_roles)
+    assert ig.scores.shape == (4,) and torch.isfinite(ig.scores).all()
+
+
 def test_small_text_data_defaults_to_minilm_when_installed() -> None:
     if MINILM_L6.installed():
         assert pretrained_default("text", 500) == "minilm_l6"

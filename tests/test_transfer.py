@@ -104,7 +104,16 @@ def test_no_fitting_tensor_names_the_shapes_that_differ(fashion_run) -> None:
     wide = layerwise.create_model("convnet_m", in_channels=3, num_classes=7)
     with pytest.raises(InputError, match=r"shapes differ: .*\(.*\) there, \(.*\) here"):
         transfer_weights(wide, donor, donor.task, fashion_run)
-    transfer_weights(other, donor, donor.task, fashion_run)  # the rest of the stages still transfer
+    fresh = transfer_weights(other, donor, donor.task, fashion_run)  # the rest of the stages still transfer
+    # The stem takes 3 channels here, 1 there: it starts from random values, so the schedule neither freezes
+    # it nor slows it down, while the transferred stages are frozen first.
+    (stem,) = fresh
+    params = dict(other.named_parameters())
+    config = TrainConfig(freeze_fraction=0.1, layer_decay=0.75, fresh_parameters=fresh)
+    group_of = {id(p): g for g in make_optimizer(other, config).param_groups for p in g["params"]}
+    assert not group_of[id(params[stem])]["backbone"] and group_of[id(params[stem])]["lr_scale"] == 1.0
+    transferred = next(name for name in params if name.startswith("stages.") and name not in fresh)
+    assert group_of[id(params[transferred])]["backbone"]
 
 
 def test_init_from_another_modality_or_an_unrelated_task_is_refused(cli, fortunes_run, fashion_train, tmp_path) -> None:

@@ -17,7 +17,7 @@ from scipy import sparse
 from tokenizers import Tokenizer, processors
 
 from layerwise.data.sources import Example
-from layerwise.data.text import TOKEN_MASK_PROBABILITY, TokenIds, read_text
+from layerwise.data.text import TOKEN_MASK_PROBABILITY, TokenIds, TokenRoles, read_text
 from layerwise.errors import DecodeError
 
 FRONT_END_NAME = "pretrained_wordpiece"  # config.json "preprocessing"."front_end": how frontend_from_json finds us
@@ -55,6 +55,8 @@ class PretrainedTextFrontEnd(TokenIds):
             raise ValueError(f"the tokenizer from {prep.source} has no {', '.join(missing)} token")
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = ids.values()
         self.special_ids = torch.tensor(sorted(ids.values()))
+        self.token_roles = TokenRoles(pad=self.pad_id, cls=self.cls_id, mask=self.mask_id, unk=self.unk_id,
+                                      sep=self.sep_id)  # fmt: skip
         # Set here rather than trusted from the file: the package's file pads and truncates to 128.
         self.tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{CLS} $A {SEP}", special_tokens=[(CLS, self.cls_id), (SEP, self.sep_id)]

@@ -76,6 +76,32 @@ class TextPreprocessing:
         return {"modality": "text", "max_len": self.max_len, "tokenizer": json.loads(self.tokenizer_json)}
 
 
+@dataclass(frozen=True)
+class TokenRoles:
+    """The ids of a text front end that are not words, which explanations keep as they are and never score.
+
+    Each tokenizer numbers them its own way (ours 0-3; a BERT vocabulary puts [CLS] at 101), so explanations
+    ask the run's front end instead of assuming one numbering.
+    """
+
+    pad: int
+    cls: int
+    mask: int
+    unk: int
+    sep: int | None = None  # pretrained encoders close each text with [SEP]
+
+    def words(self, ids: torch.Tensor) -> torch.Tensor:
+        """True at the positions that hold a piece of the text (not [PAD], [CLS] or [SEP])."""
+        frame = (ids == self.pad) | (ids == self.cls)
+        return ~(frame | (ids == self.sep)) if self.sep is not None else ~frame
+
+    def special(self) -> set[int]:
+        return {self.pad, self.cls, self.mask, self.unk} | ({self.sep} if self.sep is not None else set())
+
+
+OUR_TOKEN_ROLES = TokenRoles(pad=PAD_ID, cls=CLS_ID, mask=MASK_ID, unk=UNK_ID)
+
+
 class TokenIds:
     """Reading and tokenising texts, for a front end with a padding, truncating `tokenizer` and `prep.max_len`."""
 
@@ -107,6 +133,7 @@ class TextFrontEnd(TokenIds):
     """Texts -> int64 token ids (N, max_len), [CLS] first, [PAD] after the end."""
 
     modality = "text"
+    token_roles = OUR_TOKEN_ROLES
 
     def __init__(self, prep: TextPreprocessing) -> None:
         self.prep = prep

@@ -14,7 +14,7 @@ import torch
 from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, LayerIntegratedGradients
 from torch import nn
 
-from layerwise.data.text import CLS_ID, MASK_ID, PAD_ID
+from layerwise.data.text import TokenRoles
 from layerwise.explain.stages import first_embedding, recorded, stages_of
 
 METHODS = ("ig", "gradcam")
@@ -31,22 +31,25 @@ class Attribution:
     delta: float | None = None  # IG completeness gap: sum(scores) - (f(x) - f(baseline)), in logits
 
 
-def baseline_for(x: torch.Tensor) -> torch.Tensor:
+def baseline_for(x: torch.Tensor, roles: TokenRoles | None = None) -> torch.Tensor:
     """The 'absence of signal' IG starts from, per example.
 
-    Token ids: every real token replaced by [MASK] ([CLS] and [PAD] kept, so the attention pattern is
-    the same). Images and spectrograms: each input's own minimum everywhere (black, or silence).
+    Token ids (`roles`: the front end's special ids): every word replaced by [MASK] ([CLS], [SEP] and [PAD]
+    kept, so the attention pattern is the same). Images and spectrograms: each input's own minimum everywhere
+    (black, or silence).
     """
     if not x.is_floating_point():
-        return torch.where((x == PAD_ID) | (x == CLS_ID), x, torch.full_like(x, MASK_ID))
+        if roles is None:
+            raise ValueError("token ids need the front end's token roles (frontend.token_roles) for a baseline")
+        return torch.where(roles.words(x), torch.full_like(x, roles.mask), x)
     return x.amin(dim=tuple(range(1, x.ndim)), keepdim=True).expand_as(x).contiguous()
 
 
 def integrated_gradients(
-    network: nn.Module, x: torch.Tensor, targets: torch.Tensor
+    network: nn.Module, x: torch.Tensor, targets: torch.Tensor, roles: TokenRoles | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """IG (Sundararajan et al. 2017) of each target logit; returns (scores, convergence delta (B,))."""
-    baseline = baseline_for(x)
+    baseline = baseline_for(x, roles)
     if x.is_floating_point():
         ig = IntegratedGradients(network)
         scores, delta = ig.attribute(
@@ -79,12 +82,15 @@ def grad_cam(network: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torc
     return torch.relu((acts * weights).sum(-1)).detach()  # (B, T)
 
 
-def attribute(network: nn.Module, x: torch.Tensor, targets: torch.Tensor, method: str) -> list[Attribution]:
-    """Attributions of `method` for a batch of model inputs `x` and class indices `targets` (B,)."""
+def attribute(
+    network: nn.Module, x: torch.Tensor, targets: torch.Tensor, method: str, roles: TokenRoles | None = None
+) -> list[Attribution]:
+    """Attributions of `method` for a batch of model inputs `x` and class indices `targets` (B,); `roles`: the
+    text front end's special ids, for token-id inputs."""
     network.eval()
     targets = targets.to(x.device)
     if method == "ig":
-        scores, delta = integrated_gradients(network, x, targets)
+        scores, delta = integrated_gradients(network, x, targets, roles)
         return [Attribution("ig", int(t), s.cpu(), float(d)) for t, s, d in zip(targets, scores, delta, strict=True)]
     if method == "gradcam":
         return [

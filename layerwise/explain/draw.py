@@ -20,6 +20,7 @@ from layerwise.report.html import CSS, figure_png, png_data_uri
 CONTEXT_TOKENS = 4  # tokens shown either side of a top-activating token
 NEIGHBOUR_TOKENS = 12  # frequent tokens whose nearest embedding neighbours are listed
 NEIGHBOURS = 5
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # by name: each tokenizer numbers them its own way
 MAX_FILTERS = 64
 
 EXPLAIN_CSS = """
@@ -161,7 +162,8 @@ def probes_png(analysis: LayerAnalysis) -> bytes:
     reference = [p for p in probes if p.name == INPUT_NAME]
     if reference:
         ax.plot([0], [reference[0].accuracy], marker="s", color="#7f7f7f", linestyle="none", label="raw input")
-    ax.axhline(analysis.chance, color="#c0392b", linestyle="--", linewidth=1, label="chance")
+    if not np.isnan(analysis.chance):
+        ax.axhline(analysis.chance, color="#c0392b", linestyle="--", linewidth=1, label="chance")
     ax.set_xticks([p.depth for p in probes], [_label(p.name) for p in probes], fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("probe accuracy (held out)")
@@ -271,7 +273,8 @@ def top_tokens_html(analysis: LayerAnalysis, top: TopInputs, id_to_token) -> str
 def neighbours_html(table: torch.Tensor, analysis: LayerAnalysis, id_to_token) -> str:
     """First-layer token embeddings: the nearest neighbours (cosine) of the most frequent tokens."""
     ids = analysis.inputs.flatten()
-    counts = torch.bincount(ids[ids > 3], minlength=len(table))  # ids 0..3 are [PAD] [UNK] [CLS] [MASK]
+    special = torch.tensor([i for i in ids.unique().tolist() if id_to_token(i) in SPECIAL_TOKENS], dtype=ids.dtype)
+    counts = torch.bincount(ids[~torch.isin(ids, special)], minlength=len(table))
     frequent = [int(i) for i in counts.argsort(descending=True) if counts[i] > 0][:NEIGHBOUR_TOKENS]
     unit = torch.nn.functional.normalize(table, dim=1)
     rows = []
@@ -341,12 +344,19 @@ def layers_fragment(analysis: LayerAnalysis, figures: dict[str, bytes], id_to_to
         "<h3>(a) Linear probes: how much class information each stage holds</h3>",
         f'<p class="note">A logistic regression is fitted on the frozen output of each stage, pooled over '
         f"positions (mean and max of every unit), for {analysis.n_fit:,} examples and scored on "
-        f"{analysis.n_score:,} others; chance is {analysis.chance:.1%}. Depth 0 is the raw input, downsampled, "
+        f"{analysis.n_score:,} others; chance is {_accuracy(analysis.chance)}. Depth 0 is the raw input, downsampled, "
         "for reference: it keeps its pixel layout while stage outputs are pooled over positions, so an early "
         "stage can score below it.</p>",
         _img(figures["probes"], "probe accuracy per stage"),
         probe_table(analysis),
-        *(['<p class="empty">Too few examples to score the probes.</p>'] if analysis.n_score == 0 else []),
+        *(
+            [
+                '<p class="empty">Too few examples to score the probes: a probe needs at least two examples of a '
+                "class, one to learn from and one to score.</p>"
+            ]
+            if np.isnan(analysis.chance)
+            else []
+        ),
         "<h3>(b) What the first layer learned</h3>",
     ]
     if "filters" in figures:

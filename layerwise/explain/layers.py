@@ -136,8 +136,11 @@ def halves(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def probe_accuracy(features, labels: np.ndarray, fit: np.ndarray, score: np.ndarray, seed: int) -> float:
     """Fit a logistic regression on standardised features[fit]; its accuracy on features[score].
 
-    NaN when there is nothing to score or fewer than two classes to fit.
+    Only examples of classes the probe saw are scored (a class with one example cannot be both learned and
+    tested: with one example per class every answer would be wrong). NaN when nothing is left to score or
+    fewer than two classes to fit.
     """
+    score = score[np.isin(labels[score], labels[fit])]
     if len(score) == 0 or len(np.unique(labels[fit])) < 2:
         return float("nan")
     scaler = StandardScaler(with_mean=not sparse.issparse(features))
@@ -162,7 +165,7 @@ def record_stages(network: nn.Module, frontend, inputs: torch.Tensor) -> dict:
     with recorded(stages) as outputs:
         for start in range(0, len(inputs), FORWARD_BATCH):
             x = frontend.model_input(inputs[start : start + FORWARD_BATCH]).to(device)
-            tokens = token_mask(x)
+            tokens = token_mask(x, getattr(frontend, "token_roles", None))
             final.append(network.forward_head(network.forward_features(x), pre_logits=True).float().cpu())
             for name, _ in stages:
                 out = outputs[name].float()
@@ -238,7 +241,8 @@ def analyse_layers(
     for depth, (name, features) in enumerate(recorded_stages["pooled"].items(), start=1):
         accuracy = probe_accuracy(features, labels, fit, score, seed)
         probes.append(Probe(name, depth, accuracy, features.shape[1], recorded_stages["shapes"][name]))
-    chance = float(np.bincount(labels[score]).max() / max(len(score), 1))
+    scored = score[np.isin(labels[score], labels[fit])]  # what probe_accuracy scores
+    chance = float(np.bincount(labels[scored]).max() / len(scored)) if len(scored) else float("nan")
     seconds["probes"] = time.perf_counter() - started
 
     started = time.perf_counter()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import re
 import time
 from collections.abc import Callable
@@ -89,8 +90,9 @@ def explain_inputs(
             probabilities = torch.softmax(network(x).float() / bundle.task.temperature, 1).cpu()  # calibrated
         predicted = probabilities.argmax(1)
         targets = predicted if target_index is None else torch.full_like(predicted, target_index)
-        attributions = {method: attribute(network, x, targets, method) for method in methods}
-        tokens = token_mask(x)
+        roles = getattr(bundle.frontend, "token_roles", None)
+        attributions = {method: attribute(network, x, targets, method, roles) for method in methods}
+        tokens = token_mask(x, roles)
         for row in range(len(batch)):
             i = start + row
             origin = examples[kept[i]].origin
@@ -210,4 +212,7 @@ def layers_report_section(
 
 
 def _probe_line(analysis: LayerAnalysis) -> str:
+    if all(math.isnan(p.accuracy) for p in analysis.probes):
+        return (f"not measured: {len(analysis.labels)} held-out examples, too few of each class to fit a probe "
+                "on some and score it on others")  # fmt: skip
     return ", ".join(f"{p.name} {p.accuracy:.1%}" for p in analysis.probes)

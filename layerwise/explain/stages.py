@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from layerwise.data.text import CLS_ID, PAD_ID
+from layerwise.data.text import TokenRoles
 
 RF_PROBES = 4  # random inputs whose gradients are pooled to measure a receptive field
 RF_CANVAS = 2  # probe on inputs this much larger: a field is never shown wider than the input either side
@@ -47,10 +47,13 @@ def recorded(stages: list[tuple[str, nn.Module]]) -> Iterator[dict[str, torch.Te
             handle.remove()
 
 
-def token_mask(x: torch.Tensor) -> torch.Tensor | None:
-    """For token-id input (B, T): True at real tokens (not [PAD], not [CLS]); None for other inputs."""
+def token_mask(x: torch.Tensor, roles: TokenRoles | None) -> torch.Tensor | None:
+    """For token-id input (B, T): True at words (not [PAD], [CLS] or [SEP], by the front end's `roles`); None
+    for other inputs."""
     if x.dtype in (torch.int64, torch.int32) and x.ndim == 2:
-        return (x != PAD_ID) & (x != CLS_ID)
+        if roles is None:
+            raise ValueError("token ids need the front end's token roles (frontend.token_roles)")
+        return roles.words(x)
     return None
 
 

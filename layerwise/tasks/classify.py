@@ -8,6 +8,7 @@ baseline is logistic regression on features the front end gives without learning
 from __future__ import annotations
 
 import html
+import json
 import os
 import random
 import sys
@@ -114,6 +115,7 @@ class ClassifyTask(CrossEntropyObjective):
 
     name = "classify"
     commands = frozenset({"predict", "evaluate", "explain", "layers", "shift", "robustness", "adapt"})
+    learning_curves = True  # `layerwise curve` measures this task; a run's report shows one (`train --curve`)
 
     def __init__(
         self, frontend: FrontEnd, class_names: list[str], label_smoothing: float = 0.1, calibration: dict | None = None
@@ -442,6 +444,7 @@ class ClassifyTask(CrossEntropyObjective):
             extra_sections=[
                 *self.trust_sections(),
                 layers_report_section(bundle, extras["val_inputs"], val_labels, log=log),
+                *curve_sections(run_dir),
             ],
         )
         write_report(run_dir / "report.html", data)
@@ -868,6 +871,15 @@ def write_task_report(
         extra_sections=extra_sections,
     )
     write_report(run_dir / "report.html", data)
+
+
+def curve_sections(run_dir: Path) -> list[tuple[str, str]]:
+    """The learning-curve section when the run holds one (`train --curve`), else none."""
+    from layerwise.curve import CURVE_FILE
+    from layerwise.report.curve_sections import curve_section
+
+    path = run_dir / CURVE_FILE
+    return [curve_section(json.loads(path.read_text()))] if path.is_file() else []
 
 
 def report_summary(config: dict, summary: dict) -> dict[str, str]:

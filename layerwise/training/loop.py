@@ -57,6 +57,9 @@ class TrainConfig:
     label_smoothing: float = 0.1
     grad_clip: float = 5.0
     patience: int = 6  # epochs without a better validation score before stopping early
+    # ... and at least this many optimizer steps: on tiny data an epoch is a handful of steps, and a few
+    # epochs of a noisy 10-example validation score would stop while the learning rate is still near its peak.
+    patience_min_steps: int = 100
     time_budget_s: float | None = None  # stop cleanly (keeping the best model) after this many seconds
     seed: int = 0
     precision: str = "auto"  # fp32, bf16, fp16 (autocast; fp16 with loss scaling); auto: bf16 where native
@@ -68,6 +71,9 @@ class TrainConfig:
     # `layer_decay` times the rate of the stage after it (earlier layers hold the more general features).
     freeze_fraction: float = 0.0
     layer_decay: float = 1.0
+    # Backbone parameters that --init could not fill (a new tokenizer's embeddings, a widened first layer): they
+    # start from random values, so they learn like the head, never frozen and at the full rate.
+    fresh_parameters: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -98,6 +104,7 @@ class LoopState:
     global_step: int = 0
     bad_epochs: int = 0  # epochs since the best validation score
     best_epoch: int = -1
+    best_step: int = 0  # global_step at the best epoch
     best_score: float = -math.inf  # the task's monitored metric, signed so that higher is better
     seconds: float = 0.0  # training wall time before this process
     lr_scale: float = 1.0  # lowered after a roll-back from non-finite losses
@@ -179,6 +186,8 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     `backbone` marks the stages that a transfer schedule freezes first (see `group_learning_rate`).
     """
     depths = stage_depths(model) if config.freeze_fraction > 0 or config.layer_decay < 1 else {}
+    for name in config.fresh_parameters:
+        depths.pop(name, None)  # random values: nothing to protect
     groups: dict[tuple[int, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -453,16 +462,20 @@ def train(
             epoch_score = score(objective, val_metrics)
             if epoch_score > state.best_score:
                 state.best_score, state.best_epoch, state.bad_epochs = epoch_score, state.epoch + 1, 0
+                state.best_step = state.global_step
                 best_weights = _cpu_copy(model.state_dict())
             else:
                 state.bad_epochs += 1
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
             state.epoch_loss_sum, state.epoch_stat_sums, state.epoch_seen = 0.0, {}, 0
-            if state.bad_epochs >= config.patience and not state.stop_kind:
-                stop(
-                    STOP_EARLY,
-                    f"early stopping: no better validation {objective.monitor} for {state.bad_epochs} epochs",
-                )
+            steps_since_best = state.global_step - state.best_step
+            if state.bad_epochs >= config.patience and steps_since_best >= config.patience_min_steps:
+                if not state.stop_kind:
+                    stop(
+                        STOP_EARLY,
+                        f"early stopping: no better validation {objective.monitor} for {state.bad_epochs} epochs "
+                        f"({steps_since_best} steps)",
+                    )
             if not state.stop_kind and state.epoch >= config.epochs:
                 stop(STOP_EPOCHS, "finished all epochs")
             last_good = checkpoint_now()
