@@ -54,12 +54,16 @@ def test_torchvision_weights_come_from_the_local_cache(torch_cache) -> None:
     assert [name for name, _ in network.named_stages()] == ["stem", "layer1", "layer2", "layer3", "layer4"]
 
 
-def test_timm_weights_come_from_the_hugging_face_cache(hf_cache) -> None:
+@pytest.mark.parametrize(
+    ("arch", "tensor"),
+    [("convnext_nano", "stages.2.blocks.0.conv_dw.weight"), ("vit_tiny_patch16_224", "blocks.5.attn.qkv.weight")],
+)
+def test_timm_weights_come_from_the_hugging_face_cache(hf_cache, arch: str, tensor: str) -> None:
     import timm
 
     torch.manual_seed(2)
-    published = timm.create_model("convnext_nano").state_dict()
-    repo = timm.models.get_pretrained_cfg("convnext_nano").hf_hub_id
+    published = timm.create_model(arch).state_dict()
+    repo = timm.models.get_pretrained_cfg(arch).hf_hub_id
     commit = "0" * 40
     folder = hf_cache / f"models--{repo.replace('/', '--')}"
     (folder / "refs").mkdir(parents=True)
@@ -67,11 +71,12 @@ def test_timm_weights_come_from_the_hugging_face_cache(hf_cache) -> None:
     (folder / "snapshots" / commit).mkdir(parents=True)
     save_file(published, str(folder / "snapshots" / commit / "model.safetensors"))
 
-    network = layerwise.create_model("timm:convnext_nano", in_channels=3, num_classes=4)
-    assert "published timm:convnext_nano" in load_pretrained("timm:convnext_nano", network)
-    own = network.body.state_dict()
-    assert torch.equal(own["stages.2.blocks.0.conv_dw.weight"], published["stages.2.blocks.0.conv_dw.weight"])
-    assert network.forward_head(network.forward_features(torch.rand(1, 3, 40, 40))).shape == (1, 4)
+    network = layerwise.create_model(f"timm:{arch}", in_channels=3, num_classes=4)
+    assert f"published timm:{arch}" in load_pretrained(f"timm:{arch}", network)
+    assert torch.equal(network.body.state_dict()[tensor], published[tensor])
+    # Any image size, also for a vision transformer published for 224x224 (positions are resampled).
+    for side in (28, 40, 100):
+        assert network.forward_head(network.forward_features(torch.rand(1, 3, side, side))).shape == (1, 4)
 
 
 def test_offline_the_weights_cannot_be_fetched_in_one_clear_line(torch_cache, hf_cache) -> None:

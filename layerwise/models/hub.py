@@ -115,7 +115,11 @@ def build_hub_model(name: str, in_channels: int, num_classes: int) -> HubClassif
     if source == "timm":
         import timm
 
-        body = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+        options = {"pretrained": False, "num_classes": num_classes, "in_chans": in_channels}
+        try:  # vision transformers are built for one image size; these two options let them take any
+            body = timm.create_model(arch, **options, dynamic_img_size=True, dynamic_img_pad=True)
+        except TypeError:  # a network without the options (convolutional ones take any size already)
+            body = timm.create_model(arch, **options)
         stages = [(info["module"], body.get_submodule(info["module"])) for info in body.feature_info]
         return HubClassifier(body, source, [(n, m) for n, m in stages if any(True for _ in m.parameters())])
     import torchvision
