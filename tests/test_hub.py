@@ -77,6 +77,11 @@ def test_timm_weights_come_from_the_hugging_face_cache(hf_cache, arch: str, tens
     # Any image size, also for a vision transformer published for 224x224 (positions are resampled).
     for side in (28, 40, 100):
         assert network.forward_head(network.forward_features(torch.rand(1, 3, side, side))).shape == (1, 4)
+    from layerwise.explain import attribute
+
+    for method in ("ig", "gradcam"):  # maps at the input's size (a transformer's tokens laid on its patch grid)
+        (attribution,) = attribute(network.eval(), torch.rand(1, 3, 40, 30), torch.tensor([1]), method)
+        assert attribution.scores.shape[-2:] == (40, 30) and torch.isfinite(attribution.scores).all()
 
 
 def test_offline_the_weights_cannot_be_fetched_in_one_clear_line(torch_cache, hf_cache) -> None:

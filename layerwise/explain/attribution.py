@@ -69,9 +69,19 @@ def integrated_gradients(
 def grad_cam(network: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Grad-CAM (Selvaraju et al. 2017) on the last stage: (B, H, W) at input size, or (B, T) for sequences."""
     name, last = stages_of(network)[-1]
+    grid = network.token_grid(tuple(x.shape[2:])) if x.ndim == 4 and hasattr(network, "token_grid") else None
+    if grid is not None:  # a vision transformer: token scores laid back on its patch grid
+        prefix, rows, cols = grid
+        cam = token_grad_cam(network, name, last, x, targets)[:, prefix:].reshape(-1, 1, rows, cols)
+        return LayerAttribution.interpolate(cam, tuple(x.shape[2:]), "bilinear")[:, 0]
     if x.ndim == 4:
         cam = LayerGradCam(network, last).attribute(x, target=targets, relu_attributions=True)  # (B, 1, H', W')
         return LayerAttribution.interpolate(cam, tuple(x.shape[2:]), "bilinear")[:, 0].detach()
+    return token_grad_cam(network, name, last, x, targets)
+
+
+def token_grad_cam(network: nn.Module, name: str, last: nn.Module, x: torch.Tensor, targets: torch.Tensor):
+    """Grad-CAM of a stage whose outputs are tokens (B, T, D): (B, T)."""
     # Token outputs (B, T, D): channels are last, which captum's LayerGradCam does not read; the same
     # formula with D as channels: weights = gradient averaged over positions, CAM = ReLU(acts . weights).
     with recorded([(name, last)]) as outputs:

@@ -11,6 +11,7 @@ a saved run holds its own weights and loads offline. Weight files are read witho
 from __future__ import annotations
 
 import difflib
+import math
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,16 @@ class HubClassifier(nn.Module):
 
     def named_stages(self) -> list[tuple[str, nn.Module]]:
         return list(self._stages)
+
+    def token_grid(self, image_size: tuple[int, int]) -> tuple[int, int, int] | None:
+        """A vision transformer's layout of its stage outputs for an input of `image_size` (H, W): (tokens
+        before the patches, patch rows, patch columns); None for networks whose stages are feature maps."""
+        patch_embed = getattr(self.body, "patch_embed", None)
+        if self.source != "timm" or not hasattr(patch_embed, "dynamic_feat_size"):
+            return None
+        scale = max(1.0, MIN_SIDE / min(image_size))  # what forward_features feeds the body
+        rows, cols = patch_embed.dynamic_feat_size(tuple(math.floor(side * scale) for side in image_size))
+        return getattr(self.body, "num_prefix_tokens", 0), rows, cols
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if min(x.shape[-2:]) < MIN_SIDE:
