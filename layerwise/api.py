@@ -183,7 +183,7 @@ def fit(
     }  # fmt: skip
     checkpoint = None
     if saved is not None:
-        checkpoint = resumable_checkpoint(run_dir)
+        checkpoint = resumable_checkpoint(run_dir, log)  # every rank reads it; rank 0 alone speaks
         if checkpoint is not None and finished(checkpoint, config) and outputs_match(run_dir, checkpoint):
             log(f"{run_dir}: the run has already finished ({checkpoint.state['loop']['stop_reason']}); nothing to do")
             return load_finished(run_dir)
@@ -304,13 +304,13 @@ def refuse_existing_run(run_dir: Path) -> None:
         )
 
 
-def resumable_checkpoint(run_dir: Path) -> Checkpoint | None:
+def resumable_checkpoint(run_dir: Path, log=say) -> Checkpoint | None:
     """The newest good checkpoint; None when the run stopped before writing one (it then starts over)."""
     if not list_checkpoints(run_dir / "checkpoints"):
-        say(f"{run_dir}: no checkpoint was written before the run stopped; training from the start")
+        log(f"{run_dir}: no checkpoint was written before the run stopped; training from the start")
         return None
     try:
-        return load_latest_checkpoint(run_dir / "checkpoints", warn=say)
+        return load_latest_checkpoint(run_dir / "checkpoints", warn=log)
     except CheckpointError as err:
         raise InputError(f"--resume: {err}; train again into a new --out") from err
 

@@ -137,6 +137,21 @@ def test_bad_rows_are_named_and_the_rest_trains(speech_demo, tmp_path, cli) -> N
     assert code == 2 and "usable clip" in err and not (tmp_path / "none" / "model.safetensors").exists()
 
 
+def test_a_recogniser_starts_from_another_runs_audio_encoder(speech_demo, speech_run, tmp_path, cli) -> None:
+    # Two of the five languages: another transcript vocabulary, so the decoder's token tables start fresh
+    # while the audio encoder (and whatever else fits) comes from the five-language run.
+    two = [r for r in rows(speech_demo.train_manifest) if r["language"] in ("en", "de")][:12]
+    for row in two:
+        row["path"] = str(speech_demo.train_manifest.parent / row["path"])
+    manifest = write_manifest(tmp_path / "two.csv", two)
+    code, _, err = cli("train", manifest, "--out", tmp_path / "run", "--init", speech_run, "--epochs", "1",
+                       "--no-progress")  # fmt: skip
+    assert code == 0, err
+    assert "initialised" in err and "from " + str(speech_run) in " ".join(err.split())
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert summary["approach"].startswith("transferred in speech")
+
+
 def test_batches_depend_only_on_seed_epoch_and_index(speech_demo) -> None:
     """What makes a resumed run exact: batch i of epoch e is the same whether or not batches < i were made."""
     from layerwise.data.speech import load_speech
