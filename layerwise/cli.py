@@ -95,6 +95,40 @@ def print_summary(bundle, run_dir: Path | None) -> None:
         out_console.print(f"run directory: {run_dir}  (report: {run_dir / 'report.html'})")
 
 
+# Where and how to train: the same options on `train` and `pretrain`.
+DeviceOption = Annotated[
+    str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps. [default: auto: a GPU when there is one]")
+]
+PrecisionOption = Annotated[
+    str | None,
+    typer.Option(
+        help="fp32, bf16 or fp16 (autocast; fp16 with loss scaling). "
+        "[default: auto: bf16 where the hardware has it natively, else fp32]"
+    ),
+]
+CompileOption = Annotated[
+    bool | None,
+    typer.Option("--compile/--no-compile", help="torch.compile the training step (slow to start, faster steps)."),
+]
+DevicesOption = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        help="Train data-parallel in N processes on this machine (torchrun; one per GPU, or sharing the CPU). "
+        "Many machines: start torchrun on each, see the README.",
+    ),
+]
+MaxRestartsOption = Annotated[
+    int,
+    typer.Option(
+        "--max-restarts",
+        min=0,
+        help="With --devices: restart all processes up to N times after a failure; they resume from the last "
+        "checkpoint.",
+    ),
+]
+
+
 @app.command("train")
 @exits_cleanly
 def train_command(
@@ -169,48 +203,18 @@ def train_command(
         float | None,
         typer.Option("--checkpoint-every", help="Also checkpoint mid-epoch at most every SEC seconds. [default: 300]"),
     ] = None,
-    device: Annotated[
-        str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps. [default: auto: a GPU when there is one]")
-    ] = None,
-    precision: Annotated[
-        str | None,
-        typer.Option(
-            help="fp32, bf16 or fp16 (autocast; fp16 with loss scaling). "
-            "[default: auto: bf16 where the hardware has it natively, else fp32]"
-        ),
-    ] = None,
-    compile_model: Annotated[
-        bool | None,
-        typer.Option("--compile/--no-compile", help="torch.compile the training step (slow to start, faster steps)."),
-    ] = None,
-    devices: Annotated[
-        int,
-        typer.Option(
-            min=1,
-            help="Train data-parallel in N processes on this machine (torchrun; one per GPU, or sharing the CPU). "
-            "Many machines: start torchrun on each, see the README.",
-        ),
-    ] = 1,
-    max_restarts: Annotated[
-        int,
-        typer.Option(
-            "--max-restarts",
-            min=0,
-            help="With --devices: restart all processes up to N times after a failure; "
-            "they resume from the last checkpoint.",
-        ),
-    ] = 0,
+    device: DeviceOption = None,
+    precision: PrecisionOption = None,
+    compile_model: CompileOption = None,
+    devices: DevicesOption = 1,
+    max_restarts: MaxRestartsOption = 0,
     progress: Annotated[bool, typer.Option(help="Show the live progress bar.")] = True,
 ) -> None:
     """Train a deep network on raw files and write the run directory."""
-    from layerwise.training.distributed import launch, process_group_from_env, restarted_by_torchrun
+    from layerwise.training.distributed import process_group_from_env
 
     group = process_group_from_env()
-    if devices > 1 and not group.distributed:
-        check_before_launch(out, resume, device, precision)
-        raise typer.Exit(launch(devices, without_options(sys.argv[1:], ("--devices", "--max-restarts")), max_restarts))
-    if restarted_by_torchrun() and (out / "config.json").is_file():
-        resume = True  # torchrun restarted the processes after a failure: continue from the last checkpoint
+    resume = launch_or_resume(group, out, resume, device, precision, devices, max_restarts)
     from layerwise.api import fit
 
     bundle = fit(
@@ -221,6 +225,19 @@ def train_command(
     )  # fmt: skip
     if group.writes_run:
         print_summary(bundle, out)
+
+
+def launch_or_resume(group, out: Path, resume: bool, device, precision, devices: int, max_restarts: int) -> bool:
+    """With --devices N, run this very command under torchrun (and exit with its status); in a process that
+    torchrun restarted after a failure, resume. Returns whether to resume."""
+    from layerwise.training.distributed import launch, restarted_by_torchrun
+
+    if devices > 1 and not group.distributed:
+        check_before_launch(out, resume, device, precision)
+        raise typer.Exit(launch(devices, without_options(sys.argv[1:], ("--devices", "--max-restarts")), max_restarts))
+    if restarted_by_torchrun() and (out / "config.json").is_file():
+        return True  # torchrun restarted the processes after a failure: continue from the last checkpoint
+    return resume
 
 
 def check_before_launch(out: Path, resume: bool, device: str | None, precision: str | None) -> None:
@@ -316,16 +333,27 @@ def pretrain_command(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")
     ] = False,
+    device: DeviceOption = None,
+    precision: PrecisionOption = None,
+    compile_model: CompileOption = None,
+    devices: DevicesOption = 1,
+    max_restarts: MaxRestartsOption = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics.json as one JSON object.")] = False,
     progress: Annotated[bool, typer.Option(help="Show the live progress bar.")] = True,
 ) -> None:
     """Learn features from unlabelled files (contrastive views for images and audio, masked tokens for text)."""
     from layerwise.pretrain import pretrain, print_pretrain
+    from layerwise.training.distributed import process_group_from_env
 
+    group = process_group_from_env()
+    resume = launch_or_resume(group, out, resume, device, precision, devices, max_restarts)
     bundle = pretrain(
         data, out, modality=modality, model=model, epochs=epochs, time_budget=time_budget, seed=seed,
-        batch_size=batch_size, probe=probe, resume=resume, show_progress=progress and not as_json,
+        batch_size=batch_size, probe=probe, resume=resume, device=device, precision=precision, compile=compile_model,
+        show_progress=progress and not as_json,
     )  # fmt: skip
+    if not group.writes_run:
+        return
     if as_json:
         print(json.dumps(bundle.summary))
         return

@@ -33,6 +33,7 @@ from layerwise.api import (
     finished,
     load_finished,
     outputs_match,
+    quiet,
     refuse_existing_run,
     report_problems,
     resumable_checkpoint,
@@ -49,6 +50,7 @@ from layerwise.errors import InputError
 from layerwise.files import write_json, write_safetensors
 from layerwise.models.registry import create_model
 from layerwise.models.ssl import Contrastive, MaskedTokens, ProjectionHead, TokenPredictionHead
+from layerwise.runtime import resolve_device, resolve_precision
 from layerwise.tasks.base import fingerprint
 from layerwise.tasks.classify import check_same_data, default_model, example_key, model_overrides
 from layerwise.tasks.pretrain import (
@@ -61,6 +63,7 @@ from layerwise.tasks.pretrain import (
     objective_name,
 )
 from layerwise.tasks.probe import ProbeSet, dense, embed
+from layerwise.training.distributed import device_for, leave, process_group_from_env
 from layerwise.training.loop import TrainConfig, TrainResult, train
 
 __all__ = ["pretrain"]
@@ -105,40 +108,55 @@ def pretrain(
     probe: str | Path | None = None,
     resume: bool = False,
     checkpoint_every: float | None = None,
+    device: str | None = None,
+    precision: str | None = None,
+    compile: bool | None = None,
     show_progress: bool = True,
 ) -> Model:
     """Learn features from the unlabelled files under `data`; write the run directory `out` if given.
 
     `probe`: labelled data (class folders or a CSV with `label`) of the same modality, on which the frozen
     features are scored by kNN and a linear probe. Returns the backbone as a `Model` with `.summary`.
+    Started by torchrun (WORLD_SIZE > 1), every process trains on its part of each batch (a contrastive
+    loss contrasts the views of its own part) and rank 0 alone probes and writes the run.
     """
     started = time.perf_counter()
+    group = process_group_from_env()
+    log = say if group.writes_run else quiet
     given = {
         "modality": modality, "model": model, "seed": seed, "val_fraction": val_fraction, "batch_size": batch_size,
         "lr": lr, "epochs": epochs, "time_budget": time_budget, "checkpoint_every": checkpoint_every,
+        "device": device, "precision": precision, "compile": compile,
     }  # fmt: skip
     given = {k: v for k, v in given.items() if v is not None}
     run_dir = Path(out) if out is not None else None
     saved = saved_config(run_dir) if resume else None
     if saved is None:
-        if run_dir is not None:
+        if run_dir is not None and group.writes_run:
             refuse_existing_run(run_dir)
         settings = Settings(task=PretrainTask.name, **given)
     else:
         if saved.get("task") != PretrainTask.name:
             raise InputError(f"--resume: {run_dir} holds a {saved.get('task')} run; continue it with `layerwise train`")
-        settings = resumed_settings(saved, given)
+        settings = resumed_settings(saved, given, log)
         probe = probe if probe is not None else saved.get("probe")
     if batch_size is not None and batch_size < MIN_BATCH:
         raise InputError(f"--batch-size must be at least {MIN_BATCH} for pretraining, not {batch_size}")
-    if run_dir is not None:
+    resolve_precision(settings.precision, resolve_device(device_for(group, settings.device)))  # fail before any work
+    if run_dir is not None and group.writes_run:
         check_writable(run_dir)
     seed_everything(settings.seed)
 
-    unlabelled = read_unlabelled(Path(data), settings, saved)
+    unlabelled = read_unlabelled(Path(data), settings, saved, log)
     frontend = unlabelled.frontend
-    report_problems(unlabelled.problems)
-    probe_set = read_probe(Path(probe), frontend, settings.seed) if probe is not None else None
+    if unlabelled.batch_size // group.world_size < MIN_BATCH:
+        raise InputError(
+            f"--batch-size {unlabelled.batch_size} over {group.world_size} processes leaves each fewer than "
+            f"{MIN_BATCH} inputs to contrast; give --batch-size {MIN_BATCH * group.world_size} or more"
+        )
+    if group.writes_run:
+        report_problems(unlabelled.problems)
+    probe_set = read_probe(Path(probe), frontend, settings.seed, log) if probe is not None else None
     model_name = settings.model or default_model(frontend.modality, frontend, len(unlabelled.train_inputs))
     model_config = model_overrides(model_name, frontend.modality, frontend) | {"num_classes": PLACEHOLDER_CLASSES}
     backbone = create_model(model_name, **model_config)
@@ -147,7 +165,7 @@ def pretrain(
     config = TrainConfig(
         epochs=settings.epochs, batch_size=unlabelled.batch_size, lr=settings.lr or DEFAULT_LR,
         time_budget_s=settings.time_budget, seed=settings.seed, checkpoint_every_s=settings.checkpoint_every,
-        patience=PATIENCE,
+        patience=PATIENCE, device=settings.device, precision=settings.precision, compile=settings.compile,
     )  # fmt: skip
     run_config = {
         "format": FORMAT_VERSION, "layerwise_version": __version__, "task": task.name, **task.to_json(),
@@ -158,31 +176,39 @@ def pretrain(
     }  # fmt: skip
     checkpoint = None
     if saved is not None:
-        checkpoint = resumable_checkpoint(run_dir)
+        checkpoint = resumable_checkpoint(run_dir, log)
         if checkpoint is not None and finished(checkpoint, config) and outputs_match(run_dir, checkpoint):
-            say(f"{run_dir}: the run has already finished ({checkpoint.state['loop']['stop_reason']}); nothing to do")
+            log(f"{run_dir}: the run has already finished ({checkpoint.state['loop']['stop_reason']}); nothing to do")
             return load_finished(run_dir)
-    if run_dir is not None:
+    if run_dir is not None and group.writes_run:
         write_json(run_dir / CONFIG_FILE, run_config)
         write_json(run_dir / "problems.json", {"skipped": [p.to_json() for p in unlabelled.problems]})
     n_params = sum(p.numel() for p in backbone.parameters())
-    say(
+    processes = f", {group.world_size} processes" if group.distributed else ""
+    log(
         f"pretraining {model_name} ({n_params:,} parameters) by {task.objective.replace('_', ' ')} on "
-        f"{len(unlabelled.train_inputs)} inputs ({len(unlabelled.val_inputs)} held out), batch {unlabelled.batch_size}"
+        f"{len(unlabelled.train_inputs)} inputs ({len(unlabelled.val_inputs)} held out), batch "
+        f"{unlabelled.batch_size}{processes}"
     )
     train_batches = ViewBatches(unlabelled.train_inputs, unlabelled.batch_size, make_batch, shuffle=True,
                                 seed=settings.seed)  # fmt: skip
     val_batches = ViewBatches(unlabelled.val_inputs, unlabelled.batch_size, make_batch, seed=settings.seed)
-    result = train(
-        network, train_batches, val_batches, config, out_dir=run_dir, resume=checkpoint or False,
-        show_progress=show_progress, log=say, objective=objective,
-    )  # fmt: skip
+    try:
+        result = train(
+            network, train_batches, val_batches, config, out_dir=run_dir, resume=checkpoint or False,
+            show_progress=show_progress, log=log, objective=objective,
+        )  # fmt: skip
+    finally:
+        leave()  # what follows (probes, report) is rank 0's alone
+    bundle = Model(backbone, task, run_config)
+    if not group.writes_run:
+        return bundle
 
     final = objective.evaluate(network, val_batches)
     probes = probe_rows(backbone, model_name, model_config, frontend, probe_set, settings.seed)
     summary = summarise(final, probes, probe_set, result, unlabelled, settings, model_name, n_params, backbone)
     summary["total_seconds"] = round(time.perf_counter() - started, 1)
-    bundle = Model(backbone, task, run_config)
+    summary["processes"] = group.world_size
     if run_dir is not None:
         bundle.save(run_dir)
         write_safetensors(run_dir / PROJECTOR_FILE, network.projector.state_dict(), {"layerwise_version": __version__})
@@ -195,11 +221,11 @@ def pretrain(
 # ---------------------------------------------------------------------- data
 
 
-def read_unlabelled(data: Path, settings: Settings, saved: dict | None) -> Unlabelled:
+def read_unlabelled(data: Path, settings: Settings, saved: dict | None, log=say) -> Unlabelled:
     """Discover (labels ignored), fit or restore the front end, decode, check there is enough, split."""
     source = discover(data, settings.modality, labelled=False)
     frontend = frontend_from_json(saved["preprocessing"]) if saved else fit_frontend(source.modality, source.examples)
-    say(f"{source.root}: {len(source.examples)} {source.modality} files")
+    log(f"{source.root}: {len(source.examples)} {source.modality} files")
     decode_started = time.perf_counter()
     inputs, kept, decode_problems = frontend.decode_all(source.examples)
     decode_seconds = time.perf_counter() - decode_started
@@ -251,7 +277,7 @@ def check_enough(root: Path, modality: str, n: int, batch: int, val_fraction: fl
     )
 
 
-def read_probe(path: Path, frontend: FrontEnd, seed: int) -> ProbeSet:
+def read_probe(path: Path, frontend: FrontEnd, seed: int, log=say) -> ProbeSet:
     """The labelled probe set, decoded with the pretraining front end; refused before training when unusable."""
     try:
         source = discover(path)
@@ -273,9 +299,9 @@ def read_probe(path: Path, frontend: FrontEnd, seed: int) -> ProbeSet:
     class_names = sorted(set(labels))
     index = {name: i for i, name in enumerate(class_names)}
     if problems or source.problems:
-        say(f"--probe: skipped {len(problems) + len(source.problems)} unusable input(s) of {path}")
+        log(f"--probe: skipped {len(problems) + len(source.problems)} unusable input(s) of {path}")
     probe_set = ProbeSet.split(str(path), inputs, torch.tensor([index[x] for x in labels]), class_names, seed)
-    say(f"--probe: {probe_set.describe()}")
+    log(f"--probe: {probe_set.describe()}")
     return probe_set
 
 

@@ -174,3 +174,14 @@ def test_train_with_devices_2_writes_the_run_once(tmp_path):
     assert summary["processes"] == 2 and summary["steps"] > 0 and "map_50" in summary["metrics"]
     assert [json.loads(line)["epoch"] for line in (out / "history.jsonl").read_text().splitlines()] == [1]
     assert result.stdout.count("run directory:") == 1  # rank 1 printed no summary
+
+
+@pytest.mark.slow
+def test_pretrain_with_devices_2_writes_the_run_once(tmp_path, fashion_train):
+    out = tmp_path / "pretrain"
+    command = [sys.executable, "-m", "layerwise", "pretrain", str(fashion_train), "--out", str(out)]
+    result = run([*command, "--epochs", "1", "--batch-size", "32", "--devices", "2", "--no-progress"], timeout=300)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 540 // 32  # global batches: each rank takes half
+    assert result.stdout.count("run directory:") == 1
