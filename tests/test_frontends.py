@@ -212,6 +212,23 @@ def test_unreadable_image_raises_decode_error(tmp_path: Path, content: bytes, re
         decode(tmp_path / "bad.png", image_prep())
     with pytest.raises(DecodeError, match="cannot read"):  # deleted since discovery
         decode(tmp_path / "gone.png", image_prep())
+    with pytest.raises(DecodeError, match=re.escape(reason)):  # the same bytes uploaded to `serve`
+        decode(content, image_prep())
+
+
+def test_bytes_in_memory_decode_like_their_file(tmp_path: Path) -> None:
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    soundfile.write(tmp_path / "a.wav", np.random.default_rng(1).normal(0, 0.1, 16_000), 16_000)
+    (tmp_path / "a.txt").write_text("a short text")
+    assert np.array_equal(
+        decode((tmp_path / "a.png").read_bytes(), image_prep()), decode(tmp_path / "a.png", image_prep())
+    )
+    prep = AudioPreprocessing(seconds=1.0)
+    assert np.array_equal(
+        load_waveform((tmp_path / "a.wav").read_bytes(), prep), load_waveform(tmp_path / "a.wav", prep)
+    )
+    uploaded = Example("upload 0", None, data=(tmp_path / "a.txt").read_bytes())
+    assert read_text(uploaded) == read_text(Example("a.txt", None, path=tmp_path / "a.txt")) == "a short text"
 
 
 # --- image: preprocessing choices -------------------------------------------------------------

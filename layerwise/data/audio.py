@@ -66,16 +66,17 @@ def choose_seconds(paths: list[Path], sample: int = 256) -> float:
     return round(min(MAX_SECONDS, max(MIN_SECONDS, seconds)), 1)
 
 
-def load_waveform(path: Path, prep: AudioPreprocessing) -> np.ndarray:
-    """Read, mix to mono, resample, and pad/crop to float32 (n_samples,). Raises DecodeError."""
+def load_waveform(content: Path | bytes, prep: AudioPreprocessing) -> np.ndarray:
+    """Read (a file, or its bytes), mix to mono, resample, and pad/crop to float32 (n_samples,). Raises
+    DecodeError."""
     try:
-        size = path.stat().st_size
+        size = len(content) if isinstance(content, bytes) else content.stat().st_size
     except OSError as err:  # deleted or unreadable since discovery: skip it, like a corrupt file
         raise DecodeError(f"cannot read: {err.strerror}") from err
     if size == 0:
         raise DecodeError("empty file (0 bytes)")
     try:
-        with soundfile.SoundFile(str(path)) as file:
+        with soundfile.SoundFile(io.BytesIO(content) if isinstance(content, bytes) else str(content)) as file:
             rate = file.samplerate
             # Only the start of the file is kept: do not read (and resample) an hour-long recording.
             n_read = math.ceil((prep.seconds + READ_MARGIN_SECONDS) * rate)
@@ -157,7 +158,7 @@ class AudioFrontEnd:
         kept, problems = [], []
         for i, example in enumerate(examples):
             try:
-                waves[len(kept)] = load_waveform(example.path, self.prep)
+                waves[len(kept)] = load_waveform(example.content, self.prep)
                 kept.append(i)
             except DecodeError as err:
                 problems.append(Problem(example.origin, str(err)))

@@ -64,10 +64,10 @@ def choose_preprocessing(paths: list[Path], hflip: bool = True) -> ImagePreproce
     return ImagePreprocessing(side=side, channels=channels, mean=(0.5,) * channels, std=(0.25,) * channels, hflip=hflip)
 
 
-def decode(path: Path, prep: ImagePreprocessing) -> np.ndarray:
-    """Decode one image file to uint8 (C, side, side). Raises DecodeError with a reason."""
+def decode(content: Path | bytes, prep: ImagePreprocessing) -> np.ndarray:
+    """Decode one image (a file, or its bytes) to uint8 (C, side, side). Raises DecodeError with a reason."""
     try:
-        size = path.stat().st_size
+        size = len(content) if isinstance(content, bytes) else content.stat().st_size
     except OSError as err:  # deleted or unreadable since discovery: skip it, like a corrupt file
         raise DecodeError(f"cannot read: {err.strerror}") from err
     if size == 0:
@@ -75,7 +75,7 @@ def decode(path: Path, prep: ImagePreprocessing) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(content) if isinstance(content, bytes) else content) as img:
                 img.draft("RGB" if prep.channels == 3 else "L", (prep.side, prep.side))  # fast JPEG downscale
                 img = _flatten_alpha(img)
                 target = "L" if prep.channels == 1 else "RGB"
@@ -107,12 +107,12 @@ def _flatten_alpha(img: Image.Image) -> Image.Image:
     return img
 
 
-def _decode_chunk(paths: list[Path], prep: ImagePreprocessing) -> list[np.ndarray | str]:
+def _decode_chunk(contents: list[Path | bytes], prep: ImagePreprocessing) -> list[np.ndarray | str]:
     """Decode several files; a failure becomes its reason string (workers cannot raise per item)."""
     out: list[np.ndarray | str] = []
-    for path in paths:
+    for content in contents:
         try:
-            out.append(decode(path, prep))
+            out.append(decode(content, prep))
         except DecodeError as err:
             out.append(str(err))
     return out
@@ -145,14 +145,14 @@ class ImageFrontEnd:
 
     def decode_all(self, examples: list[Example]) -> tuple[torch.Tensor, list[int], list[Problem]]:
         """Decode every example; returns uint8 (N_ok, C, H, W), the kept indices, and problems."""
-        paths = [ex.path for ex in examples]
-        chunks = [paths[i : i + DECODE_CHUNK] for i in range(0, len(paths), DECODE_CHUNK)]
+        contents = [ex.content for ex in examples]
+        chunks = [contents[i : i + DECODE_CHUNK] for i in range(0, len(contents), DECODE_CHUNK)]
         if len(chunks) > 1:
             # PIL decoding holds the GIL for small images: processes, not threads.
             with multiprocessing.get_context("fork").Pool(min(len(chunks), os.cpu_count() or 1)) as pool:
                 results = [r for chunk in pool.starmap(_decode_chunk, [(c, self.prep) for c in chunks]) for r in chunk]
         else:
-            results = _decode_chunk(paths, self.prep)
+            results = _decode_chunk(contents, self.prep)
         kept = [i for i, r in enumerate(results) if not isinstance(r, str)]
         problems = [Problem(examples[i].origin, r) for i, r in enumerate(results) if isinstance(r, str)]
         shape = (self.prep.channels, self.prep.side, self.prep.side)

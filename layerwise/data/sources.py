@@ -23,12 +23,19 @@ MODALITIES = ("image", "audio", "text")
 
 @dataclass(frozen=True)
 class Example:
-    """One input: a file (`path`) or an inline text (`text`), with its label when known."""
+    """One input: a file (`path`), its bytes already in memory (`data`), or an inline text (`text`), with its
+    label when known."""
 
     origin: str  # what a person reads in a message: the file path or "data.csv line 7"
     label: str | None
     path: Path | None = None
     text: str | None = None
+    data: bytes | None = None  # an upload's content (`layerwise serve`): decoded as the file would be
+
+    @property
+    def content(self) -> Path | bytes:
+        """What a decoder reads: the bytes in memory when there are some, else the file."""
+        return self.data if self.data is not None else self.path
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ def read_text(example: Example) -> str:
     if example.text is not None:
         text = example.text
     else:
-        raw = example.path.read_bytes()
+        raw = example.data if example.data is not None else example.path.read_bytes()
         if not raw:
             raise DecodeError("empty file (0 bytes)")
         check_is_text(raw)

@@ -1,8 +1,9 @@
 """`layerwise serve`: a run as an HTTP service (FastAPI on uvicorn), with micro-batched inference.
 
 Concurrent requests are gathered for a few milliseconds (or until a batch is full) and run through
-the network together, so throughput grows with load. Uploads are written to a private temporary
-folder under generated names (an upload's own name is only echoed back, never used as a path).
+the network together, so throughput grows with load. A classifier decodes uploads in memory; the other
+tasks read them from a private temporary folder, under generated names (an upload's own name is only echoed
+back, never used as a path).
 """
 
 from __future__ import annotations
@@ -329,8 +330,13 @@ async def read_inputs(request: Request, bundle, config: ServeConfig, folder: Pat
         raise HTTPError(400, "no files in the upload")
     if len(files) > config.max_inputs:
         raise HTTPError(400, f"{len(files)} files; at most {config.max_inputs} per request")
-    for upload in files:
+    in_memory = getattr(bundle.task, "decodes_bytes", False)
+    for i, upload in enumerate(files):
         data = await upload.read()
+        if in_memory:
+            examples.append(Example(origin=f"upload {i}", label=None, data=data))
+            names[f"upload {i}"] = upload.filename or "upload"
+            continue
         suffix = Path(upload.filename or "").suffix.lower()[:8]
         handle = tempfile.NamedTemporaryFile(dir=folder, suffix=suffix if suffix.isascii() else "", delete=False)
         with handle:

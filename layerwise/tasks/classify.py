@@ -116,6 +116,7 @@ class ClassifyTask(CrossEntropyObjective):
     name = "classify"
     commands = frozenset({"predict", "evaluate", "explain", "layers", "shift", "robustness", "adapt"})
     learning_curves = True  # `layerwise curve` measures this task; a run's report shows one (`train --curve`)
+    decodes_bytes = True  # its front ends decode `Example.data`: `serve` hands uploads over without temp files
 
     def __init__(
         self, frontend: FrontEnd, class_names: list[str], label_smoothing: float = 0.1, calibration: dict | None = None
