@@ -845,8 +845,12 @@ def serve_command(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Inputs run through the network together.")] = 32,
     max_wait_ms: Annotated[
-        float, typer.Option("--max-wait-ms", help="How long a request waits for others to share its batch.")
-    ] = 5.0,
+        float,
+        typer.Option(
+            "--max-wait-ms",
+            help="How long a request waits for others to share its batch (0: a batch is what arrived meanwhile).",
+        ),
+    ] = 0.0,
     max_inputs: Annotated[int, typer.Option("--max-inputs", help="Files or texts allowed in one request.")] = 64,
     max_body_mb: Annotated[float, typer.Option("--max-body-mb", help="Largest request body, in MB.")] = 16.0,
     timeout: Annotated[float, typer.Option(help="Seconds a request may take before a 504.")] = 30.0,

@@ -31,7 +31,10 @@ from layerwise.errors import InputError
 @dataclass(frozen=True)
 class ServeConfig:
     max_batch: int = 32  # inputs run through the network together
-    max_wait_ms: float = 5.0  # how long the first request of a batch waits for others
+    # How long the first request of a batch waits for others. 0: a batch is what arrived while the previous
+    # one ran, which under load is already full (serve_load at 32 clients: 1,650 requests/s, p99 30 ms, against
+    # 1,400 and 40 ms at 2 ms, 1,230 and 40-50 ms at 5 ms: each wait costs a timer and idles the network).
+    max_wait_ms: float = 0.0
     max_body_bytes: int = 16 << 20
     max_inputs: int = 64  # files or texts in one request
     timeout_s: float = 30.0  # per request
