@@ -27,6 +27,29 @@ N_PARITY_INPUTS = 8
 
 
 @dataclass(frozen=True)
+class Graph:
+    """One network graph to write as ONNX: a module, real example inputs, names and dynamic axes.
+
+    Most tasks export one graph (`suffix` ""); a task with a decoding loop may export several (transcribe: the
+    audio encoder, and the text decoder it runs once per token), each to FILE with its suffix before `.onnx`.
+    `dynamic` holds, per input, {axis: torch.export.Dim}; inputs that share an axis share the Dim. `variants`
+    are further input tuples (e.g. a shorter sequence) on which onnxruntime is also checked.
+    """
+
+    module: torch.nn.Module
+    inputs: tuple[torch.Tensor, ...]
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    dynamic: tuple[dict, ...]
+    meaning: str  # what the outputs are and how to read them, for the spec file
+    suffix: str = ""
+    variants: tuple[tuple[torch.Tensor, ...], ...] = ()
+
+    def file(self, out: Path) -> Path:
+        return out.with_name(f"{out.stem}.{self.suffix}{out.suffix}") if self.suffix else out
+
+
+@dataclass(frozen=True)
 class ExportResult:
     path: Path
     spec_path: Path
@@ -46,73 +69,95 @@ class ExportResult:
 
 
 def export_onnx(bundle, out: Path, data: Path | None = None) -> ExportResult:
-    """Write `out` (ONNX) and `out.json` (preprocessing spec); check onnxruntime against PyTorch.
+    """Write `out` (ONNX; more files for tasks with several graphs) and `out.json` (the preprocessing spec and
+    how to read the outputs); check onnxruntime against PyTorch.
 
     The parity check runs on real inputs from `data` (default: the data the run was trained on).
     """
-
-    if not hasattr(bundle.task, "example_inputs"):
+    if not hasattr(bundle.task, "export_graphs") and not hasattr(bundle.task, "example_inputs"):
         raise InputError(
-            f"export: {bundle.task.name} runs cannot be exported yet (classify and generate runs can); "
-            "use `layerwise serve` or the Python API"
+            f"export: {bundle.task.name} runs cannot be exported yet; use `layerwise serve` or the Python API"
         )
     started = time.perf_counter()
     network = bundle.network.eval().cpu()
     data = data or Path(bundle.config["data"]["source"])
     if not data.exists():
         raise InputError(f"{data}: not found; the parity check needs real inputs: pass --data DIR")
-    inputs = bundle.task.example_inputs(data, N_PARITY_INPUTS, network)
-    origin = f"{len(inputs)} inputs from {data}"
-    tokens = inputs.dtype == torch.int64 and inputs.ndim == 2  # token ids (B, T): T may vary too
-    max_sequence = int(bundle.task.max_sequence_length(network)) if tokens else 0
-    worst = write_onnx(network, inputs, out, ["output"], max_sequence)
+    if hasattr(bundle.task, "export_graphs"):
+        graphs = bundle.task.export_graphs(network, data, N_PARITY_INPUTS)
+    else:
+        graphs = [single_input_graph(bundle.task, network, data)]
+    worst = 0.0
+    for graph in graphs:
+        worst = max(worst, write_graph(graph, graph.file(out)))
     spec_path = out.with_name(out.name + ".json")
-    write_json(spec_path, spec(bundle, inputs, tokens))
-    return ExportResult(out, spec_path, worst, origin, time.perf_counter() - started)
+    write_json(spec_path, spec(bundle, graphs, out))
+    n = len(graphs[0].inputs[0])
+    return ExportResult(out, spec_path, worst, f"{n} inputs from {data}", time.perf_counter() - started)
 
 
-def write_onnx(
-    module: torch.nn.Module, inputs: torch.Tensor, out: Path, output_names: list[str], max_sequence: int = 0
-) -> float:
-    """Export `module` (one input, the given outputs) with a dynamic batch, and a dynamic sequence length up to
-    `max_sequence` when it is positive; returns onnxruntime's largest difference from PyTorch on `inputs`
-    (whole, one row, and half the sequence)."""
+def single_input_graph(task, network: torch.nn.Module, data: Path) -> Graph:
+    """Classify and generate: one tensor in (batch, and sequence for token ids, dynamic), one tensor out."""
+    inputs = task.example_inputs(data, N_PARITY_INPUTS, network)
+    dynamic = {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}
+    variants = ()
+    if inputs.dtype == torch.int64 and inputs.ndim == 2:  # token ids (B, T): T may vary too
+        dynamic[1] = torch.export.Dim("sequence", min=2, max=int(task.max_sequence_length(network)))
+        variants = ((inputs[:, : max(2, inputs.shape[1] // 2)],),)
+    return Graph(network, (inputs,), ("input",), ("output",), (dynamic,), task.output_meaning(), variants=variants)
+
+
+def write_graph(graph: Graph, out: Path) -> float:
+    """Export one graph; returns onnxruntime's largest difference from PyTorch on its inputs (whole, the first
+    row, and each variant)."""
     import onnxruntime
 
-    dynamic = {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}
-    if max_sequence:
-        dynamic[1] = torch.export.Dim("sequence", min=2, max=max_sequence)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter's own progress chatter
             torch.onnx.export(
-                module, (inputs,), str(out), input_names=["input"], output_names=output_names,
-                dynamic_shapes=(dynamic,), dynamo=True, optimize=True, verbose=False,
+                graph.module, graph.inputs, str(out), input_names=list(graph.input_names),
+                output_names=list(graph.output_names), dynamic_shapes=graph.dynamic, dynamo=True, optimize=True,
+                verbose=False,
             )  # fmt: skip
     except OSError as err:
         raise InputError(f"--out {out}: cannot write there ({err.strerror})") from err
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     worst = 0.0
+    first_rows = tuple(x[:1] for x in graph.inputs)
     with torch.no_grad():
-        for batch in (inputs, inputs[:1]) + ((inputs[:, : max(2, inputs.shape[1] // 2)],) if max_sequence else ()):
-            expected = module(batch)
+        for inputs in (graph.inputs, first_rows, *graph.variants):
+            expected = graph.module(*inputs)
             expected = expected if isinstance(expected, tuple) else (expected,)
-            got = session.run(None, {"input": batch.numpy()})
-            worst = max([worst] + [float(np.abs(e.numpy() - g).max()) for e, g in zip(expected, got, strict=True)])
+            got = session.run(None, {name: x.numpy() for name, x in zip(graph.input_names, inputs, strict=True)})
+            differences = [np.abs(e.numpy().astype(np.float64) - g).max() if e.numel() else 0.0
+                           for e, g in zip(expected, got, strict=True)]  # fmt: skip
+            worst = max([worst, *map(float, differences)])
     return worst
 
 
-def spec(bundle, inputs: torch.Tensor, tokens: bool) -> dict:
-    """What a user without layerwise needs to feed the ONNX file and read its output."""
-    shape = ["batch", "sequence" if tokens else inputs.shape[1], *list(inputs.shape[2:])]
+def spec(bundle, graphs: list[Graph], out: Path) -> dict:
+    """What a user without layerwise needs to feed the ONNX file(s) and read the outputs."""
+    described = [describe(graph, graph.file(out)) for graph in graphs]
     return {
         "layerwise_version": __version__,
         "task": bundle.task.name,
         "model": bundle.config["model"],
-        "input": {"name": "input", "shape": shape, "dtype": str(inputs.dtype).removeprefix("torch.")},
-        "output": {"name": "output", "meaning": bundle.task.output_meaning()},
+        # The (first) graph's input and output, as for every single-graph export.
+        "input": described[0]["inputs"][0],
+        "output": {"name": graphs[0].output_names[0], "meaning": graphs[0].meaning},
+        "graphs": described,
         "preprocessing": bundle.config["preprocessing"],
         "class_labels": bundle.config.get("class_labels"),
         "calibration": bundle.config.get("calibration"),  # divide the logits by its temperature before softmax
+        **({"decoding": bundle.task.export_decoding()} if hasattr(bundle.task, "export_decoding") else {}),
     }
+
+
+def describe(graph: Graph, file: Path) -> dict:
+    inputs = []
+    for name, x, dynamic in zip(graph.input_names, graph.inputs, graph.dynamic, strict=True):
+        shape = [dynamic[axis].__name__ if axis in dynamic else size for axis, size in enumerate(x.shape)]
+        inputs.append({"name": name, "shape": shape, "dtype": str(x.dtype).removeprefix("torch.")})
+    return {"file": file.name, "inputs": inputs, "outputs": list(graph.output_names), "meaning": graph.meaning}

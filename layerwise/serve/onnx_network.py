@@ -8,13 +8,14 @@ is used only when onnxruntime matches PyTorch within export's tolerance on the r
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from layerwise.serve.export import N_PARITY_INPUTS, PARITY_TOLERANCE, write_onnx
+from layerwise.serve.export import PARITY_TOLERANCE, single_input_graph, write_graph
 
 OUTPUTS = ["embedding", "logits"]
 
@@ -67,10 +68,8 @@ def export_for_serving(bundle, out: Path) -> str | None:
         return f"the run's data ({data}) is not here for the parity check"
     network = bundle.network.eval().cpu()
     try:
-        inputs = bundle.task.example_inputs(data, N_PARITY_INPUTS, network)
-        tokens = inputs.dtype == torch.int64 and inputs.ndim == 2
-        max_sequence = int(bundle.task.max_sequence_length(network)) if tokens else 0
-        worst = write_onnx(EmbeddingAndLogits(network), inputs, out, OUTPUTS, max_sequence)
+        graph = single_input_graph(bundle.task, network, data)
+        worst = write_graph(replace(graph, module=EmbeddingAndLogits(network), output_names=tuple(OUTPUTS)), out)
     except Exception as err:  # noqa: BLE001 - any exporter failure just means serving with PyTorch
         return f"the ONNX export failed ({type(err).__name__}: {str(err)[:200]})"
     if worst > PARITY_TOLERANCE:
