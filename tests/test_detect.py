@@ -213,3 +213,61 @@ def test_the_server_answers_with_boxes_for_a_detect_run(cli, detect_run, test_sc
     assert [g["path"] for g in got] == [f.name for f in files]
     for g, e in zip(got, expected, strict=True):
         assert g["boxes"] == e["boxes"] and (g["width"], g["height"]) == (e["width"], e["height"])
+
+
+def numpy_only_detect(model_file: Path, image_file: Path, threshold: float) -> list[dict]:
+    """The spec's decoding recipe with PIL, numpy and onnxruntime alone (no layerwise, no torch)."""
+    import onnxruntime
+    from PIL import Image
+
+    spec = json.loads(model_file.with_name(model_file.name + ".json").read_text())
+    side, mean, std = spec["preprocessing"]["side"], spec["preprocessing"]["mean"], spec["preprocessing"]["std"]
+    image = Image.open(image_file).convert("RGB")
+    scale = side / max(image.size)
+    resized = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+    canvas = np.zeros((side, side, 3), np.float32)
+    canvas[: resized.height, : resized.width] = np.asarray(resized, np.float32) / 255
+    x = ((canvas - np.array(mean, np.float32)) / np.array(std, np.float32)).transpose(2, 0, 1)[None]
+    session = onnxruntime.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    boxes, scores = (out[0] for out in session.run(None, {"images": x}))
+    levels = [int(n) for n in spec["graphs"][0]["meaning"].split("levels of ")[1].split(" locations")[0].split(", ")]
+    candidates = []  # (score, location, class): score > 0.05, the best 1,000 per level
+    start = 0
+    for size in levels:
+        level = scores[start : start + size]
+        flat = np.flatnonzero(level.ravel() > 0.05)
+        flat = flat[np.argsort(-level.ravel()[flat], kind="stable")][:1000]
+        candidates += [(level.ravel()[i], start + i // level.shape[1], i % level.shape[1]) for i in flat]
+        start += size
+    kept = []
+    for score, location, label in sorted(candidates, key=lambda c: -c[0]):  # NMS per class at IoU 0.5
+        box = boxes[location]
+        if all(k[2] != label or iou(box, boxes[k[1]]) <= 0.5 for k in kept):
+            kept.append((score, location, label))
+    found = []
+    for score, location, label in kept[:100]:
+        box = np.clip(boxes[location] / scale, 0, [image.width, image.height] * 2)
+        if score >= threshold:
+            found.append({"label": spec["class_labels"][label], "confidence": float(score), "box": box.tolist()})
+    return found
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def test_a_detector_exports_and_its_boxes_decode_without_layerwise(cli, detect_run, test_scenes, tmp_path) -> None:
+    out = tmp_path / "detector.onnx"
+    code, stdout, err = cli("export", detect_run, "--out", out, "--data", test_scenes, "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["max_abs_difference"] <= 1e-4
+    spec = json.loads((tmp_path / "detector.onnx.json").read_text())
+    assert spec["task"] == "detect" and "non-maximum suppression" in spec["decoding"]
+    image = sorted(test_scenes.rglob("*.png"))[0]
+    code, stdout, _ = cli("detect", detect_run, image, "--threshold", "0.1", "--json")
+    expected = json.loads(stdout.splitlines()[0])["boxes"]
+    got = numpy_only_detect(out, image, threshold=0.1)
+    assert expected and [b["label"] for b in got] == [b["label"] for b in expected]
+    for g, e in zip(got, expected, strict=True):
+        assert abs(g["confidence"] - e["confidence"]) < 1e-3 and np.allclose(g["box"], e["box"], atol=0.05)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection import FCOS
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -86,6 +87,41 @@ class Detector(nn.Module):
 
     def forward(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None):
         return self.fcos(list(images), targets)
+
+
+class DenseDetections(nn.Module):
+    """What `layerwise export` writes for a detector: images (B, 3, side, side), letterboxed and normalised ->
+    boxes (B, N, 4) x0 y0 x1 y1 in the letterboxed image's pixels, clipped to it, and scores (B, N, classes),
+    for every one of the N locations of the pyramid levels (finest first), before the score threshold, the
+    per-level top-k and non-maximum suppression that `Detector.forward` applies (torchvision's FCOS).
+
+    The same arithmetic as FCOS's own forward and `postprocess_detections`, without their data-dependent
+    steps (which a fixed ONNX graph cannot express and a user does better in numpy): the images are padded
+    to FCOS's size multiple, the anchors of a fixed side are computed once, and
+    score = sqrt(sigmoid(class logit) * sigmoid(centerness)).
+    """
+
+    def __init__(self, detector: Detector) -> None:
+        super().__init__()
+        from torchvision.models.detection.image_list import ImageList
+
+        self.fcos, self.side = detector.fcos, detector.side
+        divisible = self.fcos.transform.size_divisible
+        self.padded = -(-self.side // divisible) * divisible
+        with torch.no_grad():
+            blank = torch.zeros(1, 3, self.padded, self.padded)
+            features = list(self.fcos.backbone(blank).values())
+            anchors = self.fcos.anchor_generator(ImageList(blank, [(self.side, self.side)]), features)[0]
+        self.register_buffer("anchors", anchors, persistent=False)  # (N, 4)
+        self.level_sizes = [f.shape[2] * f.shape[3] for f in features]
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pad = self.padded - self.side
+        features = list(self.fcos.backbone(F.pad(images, (0, pad, 0, pad))).values())
+        out = self.fcos.head(features)
+        boxes = self.fcos.box_coder.decode(out["bbox_regression"], self.anchors).clamp(0, self.side)
+        scores = torch.sqrt(torch.sigmoid(out["cls_logits"]) * torch.sigmoid(out["bbox_ctrness"]))
+        return boxes, scores
 
 
 def build_detector(backbone_name: str, num_classes: int, side: int, width: int = 64) -> Detector:

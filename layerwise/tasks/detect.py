@@ -325,6 +325,41 @@ class DetectTask:
             raise InputError("--text: this run detects objects in images, not text")
         return self.detect(network, inputs, options.get("threshold", DEFAULT_THRESHOLD))
 
+    # ------------------------------------------------------------------ export
+
+    def export_graphs(self, network: nn.Module, data: Path, n: int) -> list:
+        """`layerwise export`: the detector's dense outputs (every location's box and class scores) for real
+        letterboxed images of `data`, with a dynamic batch; thresholding and NMS stay outside (see
+        `export_decoding`)."""
+        from layerwise.data.detection import read_detection
+        from layerwise.models.detector import DenseDetections
+        from layerwise.serve.export import MAX_BATCH, Graph
+
+        images = read_detection(Path(data)).images
+        chosen = images[:: max(1, len(images) // n)][:n]
+        pixels = torch.stack([torch.from_numpy(letterbox(image.path, self.prep.side)[0]) for image in chosen])
+        inputs = normalise(pixels, self.prep.mean, self.prep.std)
+        batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+        dense = DenseDetections(network).eval()
+        meaning = (
+            "boxes (batch, N, 4): x0, y0, x1, y1 in the letterboxed image's pixels for each of the N locations "
+            f"(pyramid levels of {', '.join(map(str, dense.level_sizes))} locations, finest first); scores "
+            "(batch, N, classes): each location's confidence per class in the order of class_labels"
+        )
+        return [Graph(dense, (inputs,), ("images",), ("boxes", "scores"), ({0: batch},), meaning)]
+
+    def export_decoding(self) -> str:
+        fcos = "score > 0.05, at most 1,000 (location, class) pairs per pyramid level, the best first"
+        return (
+            "Input: letterbox each image: scale = side / max(width, height); resize it (bilinear) to "
+            "round(width * scale) x round(height * scale); paste it at the top-left of a black side x side RGB "
+            "canvas; pixels / 255, minus preprocessing.mean, divided by preprocessing.std per channel; layout "
+            f"(3, side, side). Output, per image, as layerwise does: keep the pairs with {fcos}; non-maximum "
+            "suppression per class at IoU 0.5 over all levels; the 100 best; divide the boxes by scale and clip "
+            f"them to the original width and height; report those with score >= your threshold "
+            f"(`layerwise detect` uses {DEFAULT_THRESHOLD})."
+        )
+
     def predict_stream(self, network: nn.Module, examples: list, k: int = 3):
         detections, problems = self.detect(network, [e.path for e in examples])
         yield from problems
