@@ -125,6 +125,10 @@ class SequenceBlock(nn.Module):
         """x (B, L, D), offsets (L, L) buckets, key_bias (B, 1, 1, L) 0 or MASKED -> (B, L, D)."""
         b, length, d = x.shape
         q, k, v = self.qkv(self.attn_norm(x)).view(b, length, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        # Contiguous copies, the same values: for a strided query the CPU attention kernel returns (B, L, H, head_dim)
+        # memory order but the ONNX exporter's decomposition of it (B, H, L, head_dim), so the reshape below, traced
+        # as a view, fails to export.
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # each (B, H, L, head_dim)
         bias = self.offset_bias(offsets).permute(2, 0, 1) + key_bias  # (H, L, L) + (B, 1, 1, L) -> (B, H, L, L)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # (B, H, L, head_dim)
         x = x + self.proj(y.transpose(1, 2).reshape(b, length, d))
@@ -346,6 +350,23 @@ class FoldNet(nn.Module):
         Outputs at padding positions are meaningless; those of real residues do not depend on the padding."""
         mask = tokens != PAD if residue_mask is None else residue_mask
         return self.forward_head(self.forward_features(tokens, mask), mask)
+
+
+class FoldExport(nn.Module):
+    """`FoldNet` as an export graph: what a user reads of its output dict, as a tuple (ONNX outputs are positional).
+
+    tokens (B, L) int64, residue_mask (B, L) bool -> coords (B, L, 3) Å, plddt_logits (B, L, PLDDT_BINS),
+    distogram_logits (B, L, L, DISTOGRAM_BINS); the network's own forward, nothing recomputed."""
+
+    output_names = ("coords", "plddt_logits", "distogram_logits")
+
+    def __init__(self, network: FoldNet) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, tokens: torch.Tensor, residue_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = self.network(tokens, residue_mask)
+        return tuple(outputs[name] for name in self.output_names)
 
 
 def fold_loss(

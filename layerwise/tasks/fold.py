@@ -13,6 +13,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ from layerwise.errors import InputError
 from layerwise.models.registry import model_entry
 from layerwise.runtime import model_device
 from layerwise.tasks.base import FitOptions, Prepared, RunMismatch, fingerprint, result_rows
+
+if TYPE_CHECKING:
+    from layerwise.serve.export import Graph
 
 DEFAULT_MODEL = "fold_xs"
 TRAIN_CROP = 128  # residues per training window (AlphaFold crops too: memory grows with L^2, time with L^3)
@@ -298,6 +302,59 @@ class FoldTask:
             metrics["baseline"] = baseline_scores(self.templates, chains)
         return metrics, problems
 
+    # ------------------------------------------------------------------ export
+
+    def export_graphs(self, network: nn.Module, data: Path, n: int) -> list[Graph]:
+        """One graph for `layerwise export`: FoldExport (tokens, residue_mask) -> (coords, plddt_logits,
+        distogram_logits), batch and length dynamic. Its parity inputs are up to `n` real chains of `data`, each
+        cut to its first EVAL_CROP residues (the per-epoch validation window: whole chains cost O(L^3) on CPU),
+        padded to the longest; the variants are the first half of those residues, and the shortest chain alone."""
+        from layerwise.models.folder import DISTOGRAM_BINS, PLDDT_BINS, FoldExport
+        from layerwise.serve.export import MAX_BATCH, Graph
+
+        sequences = [chain.sequence[:EVAL_CROP] for chain in export_chains(Path(data), n)]
+        tokens, residue_mask = sequence_batch(sequences)
+        batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+        length = torch.export.Dim("length", min=2, max=MAX_LENGTH)  # shared: one length for tokens and mask
+        half = max(2, tokens.shape[1] // 2)
+        shortest = sequence_batch([min(sequences, key=len)])
+        meaning = (
+            "coords (batch, length, 3): predicted Cα positions in Å, in an arbitrary frame; plddt_logits (batch, "
+            f"length, {PLDDT_BINS}): per-residue confidence logits, pLDDT as in `decoding`; distogram_logits (batch, "
+            f"length, length, {DISTOGRAM_BINS}): Cα-Cα distance-bin logits. Positions where residue_mask is False "
+            "(padding) are meaningless."
+        )
+        return [
+            Graph(
+                FoldExport(network).eval(), (tokens, residue_mask), ("tokens", "residue_mask"), FoldExport.output_names,
+                ({0: batch, 1: length}, {0: batch, 1: length}), meaning,
+                variants=((tokens[:, :half], residue_mask[:, :half]), shortest),
+            )
+        ]  # fmt: skip
+
+    def export_decoding(self) -> str:
+        """How to fold a sequence with the exported graph and numpy, as `layerwise fold` does."""
+        from layerwise.data.crops import PAD
+        from layerwise.data.structures import AMINO_ACIDS, RARE_LETTERS, UNKNOWN_INDEX
+        from layerwise.models.folder import DISTOGRAM_BINS, DISTOGRAM_MAX, DISTOGRAM_MIN, PLDDT_BINS
+
+        rare = ", ".join(f"{k}->{v}" for k, v in RARE_LETTERS.items())
+        return (
+            "Tokens: upper-case the sequence and drop a final '*'; replace rare letters "
+            f"({rare}); each letter's id is its index in '{AMINO_ACIDS}' (A=0 .. Y=19), X or any other letter is "
+            f"{UNKNOWN_INDEX}, padding is {PAD}. tokens int64 (batch, length); residue_mask bool (batch, length), True "
+            "at real residues, False at padding. Several chains may share a batch, padded at the end to the longest: "
+            f"a real residue's outputs do not depend on the padding. Length: up to {MAX_LENGTH} residues, the whole "
+            "chain at once (layerwise refuses longer chains; there is no cropping or windowing at inference: "
+            "preprocessing.crop is the training crop only). "
+            "Outputs of a chain of n residues in row b: coords[b, :n] are its Cα coordinates in Å; its pLDDT (0-100) "
+            f"is 100 * sum(softmax(plddt_logits[b, :n], axis=-1) * (arange({PLDDT_BINS}) + 0.5) / {PLDDT_BINS}, "
+            "axis=-1), the centres of equal lDDT bins over [0, 1], and its mean is the chain's pLDDT; "
+            f"softmax(distogram_logits[b, :n, :n], axis=-1) gives Cα-Cα distance probabilities over {DISTOGRAM_BINS} "
+            f"bins with edges = linspace({DISTOGRAM_MIN:g}, {DISTOGRAM_MAX:g}, {DISTOGRAM_BINS - 1}) Å: bin 0 is "
+            f"d <= edges[0], bin k is edges[k-1] < d <= edges[k], bin {DISTOGRAM_BINS - 1} is d > edges[-1]."
+        )
+
 
 BASELINE_NAMES = {"template": "nearest-sequence template", "helix": "ideal α-helix"}
 
@@ -317,6 +374,23 @@ def looks_like_structures(data: Path, sample: int = 200) -> bool:
                 break
     hits = sum(name.endswith(STRUCTURE_EXTENSIONS) for name in names)
     return hits > 0 and hits >= len(names) / 2
+
+
+def export_chains(data: Path, n: int) -> list[ProteinChain]:
+    """Up to `n` distinct chains from structure files spread over `data`, reading only as many files as needed."""
+    from layerwise.data.structures import read_structures, structure_files
+
+    files = structure_files(data)
+    chains: dict[str, ProteinChain] = {}
+    # Every k-th file first, for chains from across the folder; then the rest, in case some hold no protein.
+    for path in dict.fromkeys(files[:: max(1, len(files) // n)] + files):
+        for chain in read_structures(path)[0]:
+            chains.setdefault(chain.sequence, chain)
+        if len(chains) >= n:
+            break
+    if not chains:
+        raise InputError(f"{data}: no usable protein chain to check the export with")
+    return list(chains.values())[:n]
 
 
 def read_sequences(inputs: list[str]) -> tuple[list[tuple[str, str]], list[Problem]]:
