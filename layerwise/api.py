@@ -132,6 +132,8 @@ def fit(
             init = None
     resolve_precision(settings.precision, resolve_device(device_for(group, settings.device)))  # fail before any work
     learning_curve = read_finished_curve(curve) if curve is not None else None
+    if learning_curve is None and saved is not None and (run_dir / CURVE_FILE).is_file():
+        learning_curve = read_finished_curve(run_dir / CURVE_FILE)  # a resumed run keeps the curve it was given
     if run_dir is not None and group.writes_run:
         check_writable(run_dir)
     seed_everything(settings.seed)
@@ -316,7 +318,7 @@ def resumable_checkpoint(run_dir: Path, log=say) -> Checkpoint | None:
 
 
 def finished(checkpoint: Checkpoint, config: TrainConfig) -> bool:
-    return LoopState(**checkpoint.state["loop"]).finished_under(config)
+    return LoopState.from_json(checkpoint.state["loop"]).finished_under(config)
 
 
 def outputs_match(run_dir: Path, checkpoint: Checkpoint) -> bool:

@@ -342,10 +342,13 @@ def pretrain_command(
     progress: Annotated[bool, typer.Option(help="Show the live progress bar.")] = True,
 ) -> None:
     """Learn features from unlabelled files (contrastive views for images and audio, masked tokens for text)."""
-    from layerwise.pretrain import pretrain, print_pretrain
+    from layerwise.pretrain import MIN_BATCH, pretrain, print_pretrain
     from layerwise.training.distributed import process_group_from_env
 
     group = process_group_from_env()
+    if devices > 1 and batch_size is not None and batch_size < MIN_BATCH * devices:  # refused once, before launch
+        raise InputError(f"--batch-size {batch_size} over {devices} processes leaves each fewer than {MIN_BATCH} "
+                         f"inputs a batch; give --batch-size {MIN_BATCH * devices} or more")  # fmt: skip
     resume = launch_or_resume(group, out, resume, device, precision, devices, max_restarts)
     bundle = pretrain(
         data, out, modality=modality, model=model, epochs=epochs, time_budget=time_budget, seed=seed,

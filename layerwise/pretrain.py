@@ -152,7 +152,7 @@ def pretrain(
     if unlabelled.batch_size // group.world_size < MIN_BATCH:
         raise InputError(
             f"--batch-size {unlabelled.batch_size} over {group.world_size} processes leaves each fewer than "
-            f"{MIN_BATCH} inputs to contrast; give --batch-size {MIN_BATCH * group.world_size} or more"
+            f"{MIN_BATCH} inputs a batch; give --batch-size {MIN_BATCH * group.world_size} or more"
         )
     if group.writes_run:
         report_problems(unlabelled.problems)

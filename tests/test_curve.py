@@ -120,6 +120,9 @@ def test_curve_on_small_real_data(cli, three_classes: Path, tmp_path: Path) -> N
     assert json.loads((run / "metrics.json").read_text())["learning_curve"] == resumed["verdict"]
     report = (run / "report.html").read_text()
     assert "<h2>Learning curve</h2>" in report and "not on exactly this run" not in report
+    code, stdout, stderr = cli("train", three_classes, "--out", run, "--resume", "--epochs", "2", "--no-progress")
+    assert code == 0, stderr  # resumed without --curve: the run keeps the curve it was given
+    assert json.loads((run / "metrics.json").read_text())["learning_curve"] == resumed["verdict"]
 
 
 def test_curve_refuses_too_little_data(cli, fashion_train: Path, tmp_path: Path) -> None:

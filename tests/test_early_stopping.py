@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from layerwise.data.batches import TensorBatches
-from layerwise.training.loop import TrainConfig, train
+from layerwise.training.loop import LoopState, TrainConfig, train
 
 
 def fit_a_model_that_cannot_improve(patience_min_steps: int):
@@ -34,3 +34,9 @@ def test_an_epoch_of_few_steps_does_not_stop_training_before_the_minimum_steps()
     result = fit_a_model_that_cannot_improve(patience_min_steps=20)
     assert result.best_epoch == 1 and len(result.history) == 6
     assert result.stop_reason.endswith("for 5 epochs (20 steps)")
+
+
+def test_a_checkpoint_from_before_best_step_takes_it_from_the_history():
+    saved = {"epoch": 3, "global_step": 12, "best_epoch": 2, "history": [{"step": 4}, {"step": 8}, {"step": 12}]}
+    assert LoopState.from_json(saved).best_step == 8
+    assert LoopState.from_json({**saved, "best_step": 5}).best_step == 5

@@ -70,9 +70,10 @@ def grad_cam(network: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torc
     """Grad-CAM (Selvaraju et al. 2017) on the last stage: (B, H, W) at input size, or (B, T) for sequences."""
     name, last = stages_of(network)[-1]
     grid = network.token_grid(tuple(x.shape[2:])) if x.ndim == 4 and hasattr(network, "token_grid") else None
-    if grid is not None:  # a vision transformer: token scores laid back on its patch grid
-        prefix, rows, cols = grid
-        cam = token_grad_cam(network, name, last, x, targets)[:, prefix:].reshape(-1, 1, rows, cols)
+    tokens = token_grad_cam(network, name, last, x, targets) if grid is not None else None
+    if tokens is not None and tokens.ndim == 2 and tokens.shape[1] == grid[0] + grid[1] * grid[2]:
+        # a vision transformer: token scores laid back on its patch grid
+        cam = tokens[:, grid[0] :].reshape(-1, 1, grid[1], grid[2])
         return LayerAttribution.interpolate(cam, tuple(x.shape[2:]), "bilinear")[:, 0]
     if x.ndim == 4:
         cam = LayerGradCam(network, last).attribute(x, target=targets, relu_attributions=True)  # (B, 1, H', W')

@@ -93,7 +93,7 @@ class LayerAnalysis:
     def to_json(self) -> dict:
         return {
             "probes": [p.to_json() for p in self.probes],
-            "chance_accuracy": round(self.chance, 4),
+            "chance_accuracy": None if np.isnan(self.chance) else round(self.chance, 4),
             "n_fit": self.n_fit,
             "n_score": self.n_score,
             "probe": f"logistic regression (C={PROBE_C}) on standardised mean+max pooled stage outputs",
@@ -264,7 +264,7 @@ def analyse_layers(
         probes=probes,
         chance=chance,
         n_fit=len(fit),
-        n_score=len(score),
+        n_score=len(scored),
         inputs=inputs,
         labels=labels,
         class_names=class_names,

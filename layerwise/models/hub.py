@@ -85,11 +85,15 @@ class HubClassifier(nn.Module):
         """A vision transformer's layout of its stage outputs for an input of `image_size` (H, W): (tokens
         before the patches, patch rows, patch columns); None for networks whose stages are feature maps."""
         patch_embed = getattr(self.body, "patch_embed", None)
+        # num_prefix_tokens marks timm's plain transformers (ViT, DeiT, EVA, BEiT); Swin also embeds patches,
+        # but its stages are feature maps, which Grad-CAM reads directly.
         if self.source != "timm" or not hasattr(patch_embed, "dynamic_feat_size"):
+            return None
+        if not hasattr(self.body, "num_prefix_tokens"):
             return None
         scale = max(1.0, MIN_SIDE / min(image_size))  # what forward_features feeds the body
         rows, cols = patch_embed.dynamic_feat_size(tuple(math.floor(side * scale) for side in image_size))
-        return getattr(self.body, "num_prefix_tokens", 0), rows, cols
+        return self.body.num_prefix_tokens, rows, cols
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if min(x.shape[-2:]) < MIN_SIDE:

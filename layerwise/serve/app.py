@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -334,11 +335,12 @@ async def read_inputs(request: Request, bundle, config: ServeConfig, folder: Pat
     if len(files) > config.max_inputs:
         raise HTTPError(400, f"{len(files)} files; at most {config.max_inputs} per request")
     in_memory = getattr(bundle.task, "decodes_bytes", False)
-    for i, upload in enumerate(files):
+    for upload in files:
         data = await upload.read()
-        if in_memory:
-            examples.append(Example(origin=f"upload {i}", label=None, data=data))
-            names[f"upload {i}"] = upload.filename or "upload"
+        if in_memory:  # a name unique across the requests that share a batch: problems are matched by it
+            origin = f"upload {uuid.uuid4().hex}"
+            examples.append(Example(origin=origin, label=None, data=data))
+            names[origin] = upload.filename or "upload"
             continue
         suffix = Path(upload.filename or "").suffix.lower()[:8]
         handle = tempfile.NamedTemporaryFile(dir=folder, suffix=suffix if suffix.isascii() else "", delete=False)

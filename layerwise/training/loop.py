@@ -117,6 +117,13 @@ class LoopState:
     stop_reason: str = ""  # the same in words
     history: list[dict] = field(default_factory=list)
 
+    @classmethod
+    def from_json(cls, saved: dict) -> LoopState:
+        state = cls(**saved)
+        if "best_step" not in saved and 0 < state.best_epoch <= len(state.history):  # saved before best_step existed
+            state.best_step = state.history[state.best_epoch - 1]["step"]
+        return state
+
     def finished_under(self, config: TrainConfig) -> bool:
         """True when this state has nothing left to train under `config` (which may allow more)."""
         if self.stop_kind == STOP_EARLY:
@@ -308,7 +315,7 @@ def train(
         restore_training_tensors(checkpoint, model, optimizer)
         if "grad_scaler" in checkpoint.state and scaler.is_enabled():
             scaler.load_state_dict(checkpoint.state["grad_scaler"])
-        state = LoopState(**checkpoint.state["loop"])
+        state = LoopState.from_json(checkpoint.state["loop"])
         best_weights = _prefixed(checkpoint.tensors, "best.")
         if state.finished_under(config):
             log(f"the run had already finished ({state.stop_reason}); nothing more to train")
@@ -524,7 +531,7 @@ def _roll_back(last_good, model: nn.Module, optimizer: torch.optim.Optimizer, st
     """Return to the last good snapshot with a tenth of the learning rate."""
     tensors, json_state = last_good
     restore_training_tensors(Checkpoint(Path("memory"), json_state, tensors), model, optimizer)
-    restored = LoopState(**json_state["loop"])
+    restored = LoopState.from_json(json_state["loop"])
     restored.lr_scale = state.lr_scale * ROLLBACK_LR_FACTOR
     restored.rollbacks = state.rollbacks + 1
     log(
