@@ -353,6 +353,41 @@ class SpeechRecogniser(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), expected.flatten(), ignore_index=-100)
 
 
+class EncoderOutputs(nn.Module):
+    """What `layerwise export` writes as a recogniser's main graph, everything transcription reads off the audio:
+    features (B, n_mels, T), lengths (B,) -> encoded (B, T', D) zero at padding, enc_lengths (B,), then
+    language_logits (B, n_languages) when the model has languages, and ctc_log_probs (B, T', vocab) when it has
+    no decoder (CTC decodes it). The model's own encoder and heads; `forward_features`' input checks are left
+    out because they branch on tensor values, which torch.export cannot trace into a fixed graph."""
+
+    def __init__(self, model: SpeechRecogniser) -> None:
+        super().__init__()
+        self.model = model
+        self.output_names = ("encoded", "enc_lengths")
+        if model.language_head is not None:
+            self.output_names += ("language_logits",)
+        if model.decoder is None:
+            self.output_names += ("ctc_log_probs",)
+
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        encoded, enc_lengths = self.model.encoder(features, lengths)
+        head = self.model.forward_head(encoded, enc_lengths) | {"encoded": encoded, "enc_lengths": enc_lengths}
+        return tuple(head[name] for name in self.output_names)
+
+
+class DecoderLogits(nn.Module):
+    """One step of the autoregressive loop, as `layerwise export` writes it: tokens (B, S) int64 (prompt and the
+    characters so far), encoded (B, T', D), enc_lengths (B,) -> logits (B, S, decoder_vocab_size), position i's
+    predicting token i + 1 (`SpeechRecogniser.decode`)."""
+
+    def __init__(self, model: SpeechRecogniser) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, encoded: torch.Tensor, enc_lengths: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(tokens, encoded, enc_lengths)
+
+
 RECOGNISER_SIZES: dict[str, dict] = {
     "speech_xs": {"dim": 96, "depth": 3, "heads": 4},
     "speech_s": {"dim": 192, "depth": 6, "heads": 4},

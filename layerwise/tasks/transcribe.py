@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ from layerwise.errors import DecodeError, InputError
 from layerwise.models.registry import model_entry
 from layerwise.runtime import model_device
 from layerwise.tasks.base import FitOptions, Prepared, RunMismatch, fingerprint
+
+if TYPE_CHECKING:
+    from layerwise.serve.export import Graph
 
 DEFAULT_MODEL = "speech_xs"
 N_MELS = 80
@@ -427,6 +431,114 @@ class TranscribeTask:
             has_languages=any(u.language for u, _ in clips),
         )  # fmt: skip
         return metrics, problems
+
+    # ------------------------------------------------------------------ export
+
+    @torch.no_grad()
+    def export_graphs(self, network: nn.Module, data: Path, n: int) -> list[Graph]:
+        """`layerwise export`: the audio encoder (with the language head, and CTC for CTC-only models) and, for
+        models with a decoder, its next-token logits; the decoding loop stays outside (see `export_decoding`).
+        Inputs are the first speech chunk of up to `n` clips of `data`, cut and featurised as `transcribe_wave`
+        does; the decoder's tokens are each clip's prompt (in the detected language) and its reference text."""
+        from layerwise.data.speech import load_utterances, log_mel_batch, read_speech_manifest, speech_segments
+        from layerwise.models.recogniser import DecoderLogits, EncoderOutputs
+        from layerwise.serve.export import MAX_BATCH, Graph
+
+        manifest = find_speech_manifest(Path(data))
+        if manifest is None:
+            raise InputError(f"{data}: no speech manifest to take the parity check's clips from")
+        utterances = read_speech_manifest(manifest)[0]
+        waves, kept, _ = load_utterances(utterances[:: max(1, len(utterances) // n)][:n], None)
+        chunks = [(u, w[slice(*segments[0])]) for u, w in zip(kept, waves, strict=True)
+                  if (segments := speech_segments(w, self.max_seconds))]  # fmt: skip
+        if not chunks:
+            raise InputError(f"{manifest}: no readable clip with speech for the parity check")
+        features, lengths = log_mel_batch([wave for _, wave in chunks], self.n_mels)  # (B, n_mels, T), (B,)
+        short = max(1, features.shape[2] // 2)  # variant: the same clips cut to half the frames
+        short_inputs = (features[:, :, :short].contiguous(), lengths.clamp(max=short))
+
+        encoder = EncoderOutputs(network).eval()
+        batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+        # The encoder takes at most max_frames frames after its 4x downsampling: 4 * max_frames input frames.
+        frames = torch.export.Dim("frames", min=1, max=4 * network.config.max_frames)
+        meaning = (
+            "encoded (batch, encoder_frames, dim): the audio encoder's output, one row per 40 ms, zero past "
+            "enc_lengths (batch,), each clip's valid encoder frames"
+        )
+        if "language_logits" in encoder.output_names:
+            meaning += "; language_logits (batch, n_languages): softmax gives each clip's language, in the order of "
+            meaning += "preprocessing.alphabet.languages"
+        if "ctc_log_probs" in encoder.output_names:
+            meaning += "; ctc_log_probs (batch, encoder_frames, vocab_size): each frame's log-probabilities of the "
+            meaning += "CTC blank (id 0) and of each character (id i: preprocessing.alphabet.characters[i - 1])"
+        graphs = [
+            Graph(encoder, (features, lengths), ("features", "lengths"), encoder.output_names,
+                  ({0: batch, 2: frames}, {0: batch}), meaning, variants=(short_inputs,))
+        ]  # fmt: skip
+        if network.decoder is None:
+            return graphs
+
+        encoded, enc_lengths, *rest = encoder(features, lengths)
+        languages = rest[0].argmax(dim=-1) if network.language_head is not None else None
+        texts = [self.alphabet.encode(u.text)[: network.config.max_text_tokens] for u, _ in chunks]
+        width = network.prompt_length + max(map(len, texts))
+        tokens = torch.full((len(texts), width), network.eot, dtype=torch.int64)  # finished rows go on with eot
+        tokens[:, : network.prompt_length] = network.prompts(languages).expand(len(texts), -1)
+        for row, text in enumerate(texts):
+            tokens[row, network.prompt_length : network.prompt_length + len(text)] = torch.tensor(text)
+        short_encoded, short_enc_lengths = encoder(*short_inputs)[:2]
+        short_tokens = tokens[:, : network.prompt_length + 1]  # the prompt and one character
+        positions = torch.export.Dim("tokens", min=1, max=network.decoder.context_len)
+        encoder_frames = torch.export.Dim("encoder_frames", min=1, max=network.config.max_frames)
+        meaning = (
+            "logits (batch, tokens, decoder_vocab): position i's scores for the token after tokens[:, i], over "
+            "the characters (ids 0 to vocab_size - 1, 0 unused), then sot, eot, transcribe and one token per "
+            "language; greedy decoding takes the last position's argmax over the characters and eot (see decoding)"
+        )
+        decoder = Graph(
+            DecoderLogits(network).eval(), (tokens, encoded, enc_lengths), ("tokens", "encoded", "enc_lengths"),
+            ("logits",), ({0: batch, 1: positions}, {0: batch, 1: encoder_frames}, {0: batch}), meaning,
+            suffix="decoder", variants=((short_tokens, short_encoded, short_enc_lengths),),
+        )  # fmt: skip
+        return [*graphs, decoder]
+
+    def export_decoding(self) -> str:
+        """How to turn audio into text with the exported graphs, numpy and onnxruntime alone."""
+        from layerwise.data.speech import HOP_LENGTH, LOG_MEL_RANGE, N_FFT
+
+        v = self.alphabet.vocab_size  # characters are ids 1..v-1; id 0 is CTC's blank
+        named = ", ".join(f"{v + 3 + i} {code}" for i, code in enumerate(self.alphabet.languages))
+        prompt = f"[{v}, language token, {v + 2}]" if named else f"[{v}, {v + 2}]"
+        language = (
+            "3) Language: argmax of language_logits (index i is preprocessing.alphabet.languages[i]; for a "
+            "recording cut into chunks, layerwise averages the chunks' softmaxes weighted by their T; "
+            f"`--language` forces one). Its token is {v + 3} + i: {named}. "
+            if named
+            else "3) This run has no languages: no language token. "
+        )
+        return (
+            f"1) Audio: mono float32 samples at preprocessing.sample_rate ({SAMPLE_RATE} Hz), in chunks of at most "
+            "preprocessing.max_seconds. `layerwise transcribe` cuts a recording at its silences (energy voice "
+            "activity detection on 30 ms frames, 0.1 s kept each side of speech), transcribes every chunk and "
+            "joins the non-empty texts with one space; any cut at pauses works (optional for you). "
+            f"2) Features of a chunk of n samples: pad {N_FFT // 2} zeros at each end; frames of n_fft {N_FFT} "
+            f"samples every hop {HOP_LENGTH} samples, T = n // {HOP_LENGTH} + 1 of them; times a periodic Hann "
+            "window (0.5 - 0.5 cos(2 pi k / n_fft)); power |rfft|^2; preprocessing.n_mels triangular HTK mel "
+            f"filters, unnormalised: n_mels + 2 edges equally spaced in mel = 2595 log10(1 + hz / 700) from 0 to "
+            f"{SAMPLE_RATE // 2} Hz, evaluated at the rfft bins' frequencies; log10(max(mel power, 1e-10)); "
+            f"floor = the maximum of that (n_mels, T) array minus {LOG_MEL_RANGE:g}; features = "
+            "(max(log, floor) + 4) / 4 as float32 (1, n_mels, T) and lengths = [T] as int64. To batch chunks, "
+            "pad T with any value: frames past each chunk's length are ignored. Run the main graph. "
+            + language
+            + "4) With a decoder (graphs[1]), greedy decoding, as `layerwise transcribe --beam-size 1`: tokens = "
+            f"{prompt} as int64 (1, S) (sot {v}, eot {v + 1}, transcribe {v + 2}); run the decoder graph on "
+            "(tokens, encoded, enc_lengths); of logits[0, -1], consider only the characters (ids 1 to "
+            f"{v - 1}) and eot ({v + 1}); stop if the best is eot, else append it and run again; after "
+            "model.config.max_text_tokens characters the text ends. Without a decoder (CTC-only models): the "
+            "argmax of ctc_log_probs at each of the first enc_lengths frames; merge runs of the same id, then "
+            "drop the blank (0). 5) Text: id i is preprocessing.alphabet.characters[i - 1]; strip spaces at both "
+            "ends. Transcripts are lowercase and normalised as preprocessing.normalisation says."
+        )
 
 
 # ---------------------------------------------------------------------- helpers
