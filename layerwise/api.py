@@ -29,7 +29,7 @@ from layerwise.runtime import resolve_device, resolve_precision
 from layerwise.tasks import detect_task, task_class
 from layerwise.tasks.base import FitOptions, RunMismatch
 from layerwise.training.checkpoint import Checkpoint, CheckpointError, list_checkpoints, load_latest_checkpoint
-from layerwise.training.distributed import device_for, leave, process_group_from_env
+from layerwise.training.distributed import device_for, process_group_from_env
 from layerwise.training.loop import LoopState, TrainConfig, stage_depths, train
 
 __all__ = ["fit", "load"]
@@ -200,13 +200,10 @@ def fit(
             f"{prepared.data_summary['n_train']} train / {prepared.data_summary['n_val']} validation, "
             f"batch {prepared.batch_size}{processes}"
         )
-    try:
-        result = train(
-            network, prepared.train_batches, prepared.val_batches, config, out_dir=run_dir,
-            resume=checkpoint or False, show_progress=show_progress, log=log, objective=prepared.task,
-        )  # fmt: skip
-    finally:
-        leave()  # what follows (metrics, baseline, report) is rank 0's alone
+    result = train(  # the processes leave their group when it returns: what follows is rank 0's alone
+        network, prepared.train_batches, prepared.val_batches, config, out_dir=run_dir,
+        resume=checkpoint or False, show_progress=show_progress, log=log, objective=prepared.task,
+    )  # fmt: skip
     bundle = Model(network, prepared.task, run_config)
     if not group.writes_run:
         return bundle

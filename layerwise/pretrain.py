@@ -63,7 +63,7 @@ from layerwise.tasks.pretrain import (
     objective_name,
 )
 from layerwise.tasks.probe import ProbeSet, dense, embed
-from layerwise.training.distributed import device_for, leave, process_group_from_env
+from layerwise.training.distributed import device_for, process_group_from_env
 from layerwise.training.loop import TrainConfig, TrainResult, train
 
 __all__ = ["pretrain"]
@@ -193,13 +193,10 @@ def pretrain(
     train_batches = ViewBatches(unlabelled.train_inputs, unlabelled.batch_size, make_batch, shuffle=True,
                                 seed=settings.seed)  # fmt: skip
     val_batches = ViewBatches(unlabelled.val_inputs, unlabelled.batch_size, make_batch, seed=settings.seed)
-    try:
-        result = train(
-            network, train_batches, val_batches, config, out_dir=run_dir, resume=checkpoint or False,
-            show_progress=show_progress, log=log, objective=objective,
-        )  # fmt: skip
-    finally:
-        leave()  # what follows (probes, report) is rank 0's alone
+    result = train(  # the processes leave their group when it returns: what follows is rank 0's alone
+        network, train_batches, val_batches, config, out_dir=run_dir, resume=checkpoint or False,
+        show_progress=show_progress, log=log, objective=objective,
+    )  # fmt: skip
     bundle = Model(backbone, task, run_config)
     if not group.writes_run:
         return bundle

@@ -1,9 +1,9 @@
 """`layerwise serve`: a run as an HTTP service (FastAPI on uvicorn), with micro-batched inference.
 
-Concurrent requests are gathered for a few milliseconds (or until a batch is full) and run through
-the network together, so throughput grows with load. A classifier decodes uploads in memory; the other
-tasks read them from a private temporary folder, under generated names (an upload's own name is only echoed
-back, never used as a path).
+Concurrent requests are run through the network together: those that arrive while a batch runs make up
+the next one (up to `max_batch`, optionally after waiting `max_wait_ms`), so throughput grows with load.
+A classifier decodes uploads in memory; the other tasks read them from a private temporary folder, under
+generated names (an upload's own name is only echoed back, never used as a path).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ the `TrainResult` (and, when `out_dir` is given, history.jsonl and checkpoints/)
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import signal
@@ -39,6 +40,7 @@ from layerwise.training.distributed import (
     device_for,
     from_rank0,
     join,
+    leave,
     process_group_from_env,
 )
 
@@ -285,7 +287,8 @@ def train(
     out_dir/history.jsonl and writes resumable checkpoints to out_dir/checkpoints/. With
     `resume=True`: continues from the newest good checkpoint (or from the one passed).
     Under torchrun (WORLD_SIZE > 1) each process trains on its part of every batch and only rank 0
-    validates and writes (see training/distributed.py).
+    validates and writes (see training/distributed.py); the processes join their group here and leave it
+    when training ends.
     """
     if objective is None:
         from layerwise.tasks.classify import CrossEntropyObjective
@@ -294,6 +297,34 @@ def train(
     group = process_group_from_env()
     device = resolve_device(device_for(group, config.device))
     join(group, device)
+    try:
+        return train_in_group(
+            model, train_batches, val_batches, config, out_dir, resume, show_progress, log, objective, group, device
+        )
+    finally:
+        # Left as soon as training ends: what follows is rank 0's alone. A process that exits with its group alive,
+        # or with DistributedDataParallel's reducer (and gloo's pending work on its tensors) still waiting in a
+        # reference cycle, can abort while the interpreter shuts down ("terminate called without an active
+        # exception", seen 2 runs in 5 of tests/test_distributed.py): both are released here, while it is alive.
+        if group.distributed:
+            gc.collect()
+        leave()
+
+
+def train_in_group(
+    model: nn.Module,
+    train_batches: Batches,
+    val_batches: Batches,
+    config: TrainConfig,
+    out_dir: Path | None,
+    resume: bool | Checkpoint | None,
+    show_progress: bool,
+    log,
+    objective: Objective,
+    group,
+    device: torch.device,
+) -> TrainResult:
+    """`train`'s work, in a process group already joined (or none)."""
     writes = group.writes_run
     precision = resolve_precision(config.precision, device)
     torch.manual_seed(config.seed)
