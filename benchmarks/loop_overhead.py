@@ -30,7 +30,7 @@ step by step, so both see the same load: the most noise-proof measure of the per
 The last line is always `ratio=<layerwise throughput / bare throughput>`; 1.000 means no overhead,
 the target is >= 0.95.
 
-    .venv/bin/python benchmarks/loop_overhead.py [--n 8192] [--epochs 1] [--rounds 3] [--profile]
+    .venv/bin/python benchmarks/loop_overhead.py [--n 8192] [--epochs 1] [--rounds 3] [--profile] [--device cuda]
 """
 
 from __future__ import annotations
@@ -100,10 +100,13 @@ def run_layerwise(model: nn.Module, data: Data, config: TrainConfig) -> int:
 
 def run_bare(model: nn.Module, data: Data, config: TrainConfig) -> int:
     """The hand-written loop; returns the optimizer steps it took."""
-    device = torch.device("cpu")
+    device = torch.device(config.device)
     torch.manual_seed(config.seed)
-    model = prepare_model(model, device)  # channels_last on CPU, as layerwise does
-    optimizer = make_optimizer(model, config)
+    model = prepare_model(model, device)  # channels_last, as layerwise does
+    optimizer = make_optimizer(model, config, fused=device.type == "cuda")  # fused on a GPU, as `train()` does
+    # On a GPU the data is held there, as `train()` holds it (training/memory.py); on the CPU these are no-ops.
+    train_x, train_y = data.train_x.to(device), data.train_y.to(device)
+    val_x, val_y = data.val_x.to(device), data.val_y.to(device)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     n, batch = len(data.train_y), config.batch_size
     steps_per_epoch = n // batch if n >= 2 * batch else -(-n // batch)  # TensorBatches' drop_last
@@ -111,13 +114,13 @@ def run_bare(model: nn.Module, data: Data, config: TrainConfig) -> int:
     steps = 0
     for _ in range(config.epochs):
         model.train()
-        order = torch.randperm(n, generator=generator)
+        order = torch.randperm(n, generator=generator).to(device)  # once an epoch, as TensorBatches does
         for i in range(steps_per_epoch):
             index = order[i * batch : (i + 1) * batch]
-            x = data.frontend.model_input(data.train_x[index])  # (B, 1, 28, 28) float
+            x = data.frontend.model_input(train_x[index])  # (B, 1, 28, 28) float
             x = x.contiguous(memory_format=torch.channels_last)
             with autocast_to(device, resolve_precision(config.precision, device)):
-                loss = loss_fn(model(x).float(), data.train_y[index])
+                loss = loss_fn(model(x).float(), train_y[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -126,9 +129,9 @@ def run_bare(model: nn.Module, data: Data, config: TrainConfig) -> int:
         with torch.no_grad(), autocast_to(device, resolve_precision(config.precision, device)):
             logits = [
                 model(data.frontend.model_input(x).contiguous(memory_format=torch.channels_last)).float()
-                for x in data.val_x.split(VAL_BATCH)
+                for x in val_x.split(VAL_BATCH)
             ]
-        float((torch.cat(logits).argmax(1) == data.val_y).float().mean())
+        float((torch.cat(logits).argmax(1) == val_y).float().mean())
     return steps
 
 
@@ -254,19 +257,22 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="(default 256)")
     parser.add_argument("--rounds", type=int, default=3, help="alternations a/b (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
-    parser.add_argument("--profile", action="store_true", help="also time each per-step extra")
+    parser.add_argument("--profile", action="store_true", help="also time each per-step extra (CPU)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args()
+    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     data = load_data(args.n)
     torch.manual_seed(0)
     initial = create_model("convnet_s", in_channels=1, num_classes=10)
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, patience=10**6, seed=0, device="cpu")
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, patience=10**6, seed=0, device=args.device)
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(
         f"convnet_s, {args.n} train / {VAL_SIZE} val Fashion-MNIST images, "
-        f"batch {args.batch_size}, {args.epochs} epoch(s), {torch.get_num_threads()} threads, "
-        f"bf16 autocast: {isinstance(autocast_for(torch.device('cpu'), True), torch.autocast)}"
+        f"batch {args.batch_size}, {args.epochs} epoch(s), {args.device} ({hardware}), "
+        f"bf16 autocast: {isinstance(autocast_for(device, True), torch.autocast)}"
     )
 
     warmup_n = WARMUP_STEPS * args.batch_size
@@ -299,7 +305,7 @@ def main() -> None:
     best_ratio = max(rates["layerwise"]) / max(rates["bare"])
     print(f"best run of each (other load only ever slows a run down): ratio {best_ratio:.3f}")
     print(f"CPU seconds per run, bare / layerwise (less sensitive to other load): {cpu_ratio:.3f}")
-    if args.profile:
+    if args.profile and device.type == "cpu":
         profile_extras(initial, data, config, repeats=15)
     print(f"ratio={layerwise / bare:.3f}")
 

@@ -31,6 +31,7 @@ from layerwise.tasks.base import FitOptions, RunMismatch
 from layerwise.training.checkpoint import Checkpoint, CheckpointError, list_checkpoints, load_latest_checkpoint
 from layerwise.training.distributed import device_for, process_group_from_env
 from layerwise.training.loop import LoopState, TrainConfig, stage_depths, train
+from layerwise.training.memory import HOLD_FRACTION, MIN_STEPS_PER_EPOCH, BatchSearch, largest_batch
 
 __all__ = ["fit", "load"]
 
@@ -170,8 +171,22 @@ def fit(
         kind = getattr(donor.task, "transfer_kind", "transferred")
         approach = f"{kind} in {Path(init).name}, then fine-tuned"
     schedule = transfer_schedule(saved, approach != "from scratch", freeze_fraction, layer_decay, fresh)
+    lr = settings.lr or prepared.lr
+    batch_search = None
+    if approach == "from scratch":  # a transfer keeps the batch (and learning rate) its recipe was tuned for
+        batch_search = search_batch_size(network, prepared, settings, saved, group)
+    if batch_search is not None and batch_search.chosen != prepared.batch_size:
+        prepared.train_batches, prepared.batch_size = prepared.batches_of(batch_search.chosen), batch_search.chosen
+        lr = settings.lr or batch_search.lr_for(prepared.lr)
+        why = (
+            f"the largest that leaves an epoch {MIN_STEPS_PER_EPOCH}+ steps, and it fits {batch_search.device}"
+            if batch_search.chosen == batch_search.limit
+            else f"the largest that fits {batch_search.device}"
+        )
+        scaled = "as given" if settings.lr else f"scaled from {prepared.lr:.2g} at batch {batch_search.start}"
+        log(f"batch size {batch_search.chosen} ({why}); learning rate {lr:.2g} ({scaled})")
     config = TrainConfig(
-        epochs=settings.epochs, batch_size=prepared.batch_size, lr=settings.lr or prepared.lr,
+        epochs=settings.epochs, batch_size=prepared.batch_size, lr=lr,
         time_budget_s=settings.time_budget,
         seed=settings.seed, checkpoint_every_s=settings.checkpoint_every,
         device=settings.device, precision=settings.precision, compile=settings.compile,
@@ -183,6 +198,10 @@ def fit(
         "approach": approach,
         "train": asdict(config), "data": prepared.data_summary,
     }  # fmt: skip
+    if batch_search is not None:
+        run_config["batch_search"] = batch_search.to_json()
+    elif saved is not None and "batch_search" in saved:  # a resumed run keeps the record of how its batch was chosen
+        run_config["batch_search"] = saved["batch_search"]
     checkpoint = None
     if saved is not None:
         checkpoint = resumable_checkpoint(run_dir, log)  # every rank reads it; rank 0 alone speaks
@@ -241,6 +260,25 @@ def fit(
         write_json(run_dir / "metrics.json", summary)  # last: its "steps" marks the run files as complete
     bundle.summary = summary
     return bundle
+
+
+def search_batch_size(network, prepared, settings: Settings, saved: dict | None, group) -> BatchSearch | None:
+    """On a GPU, for a new single-process run whose batch size the user left open: the largest batch that fits
+    (`training.memory.largest_batch`), beside the training data when it will be held there. A resumed run keeps
+    the batch it started with; under torchrun every rank takes its part of the global batch, which --batch-size
+    sets; a task without `batches_of` (text generation: its epochs are windows drawn at random) keeps its own."""
+    if settings.batch_size is not None or saved is not None or prepared.batches_of is None or group.distributed:
+        return None
+    device = resolve_device(settings.device)
+    if device.type != "cuda":
+        return None
+    precision = resolve_precision(settings.precision, device)
+    n_train = int(prepared.data_summary.get("n_train", 0))
+    nbytes = getattr(prepared.train_batches, "nbytes", None)
+    held = nbytes() if nbytes is not None and nbytes() <= HOLD_FRACTION * torch.cuda.mem_get_info(device)[0] else 0
+    return largest_batch(
+        network, prepared.task, prepared.batches_of, prepared.batch_size, n_train, device, precision, held
+    )  # fmt: skip
 
 
 def matched_curve(curve: dict, data_summary: dict, log) -> dict:

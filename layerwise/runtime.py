@@ -88,6 +88,14 @@ def to_device(value: Any, device: torch.device, channels_last: bool = False) -> 
     return value
 
 
+def host_to(value: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small tensor made on the host (random draws, indices), on `device` without making the host wait for
+    the GPU's queue: a plain copy from pageable memory would wait for every kernel queued before it."""
+    if device.type != "cuda":
+        return value.to(device)
+    return value.pin_memory().to(device, non_blocking=True)
+
+
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 

@@ -60,6 +60,19 @@ def test_a_resumed_epoch_yields_exactly_the_remaining_batches_without_reading_ea
     assert len(reads) < len(read_index(packed)["shards"]) - 1  # shards wholly before batch 10 are never read
 
 
+def test_worker_processes_stream_the_same_batches_in_the_same_order(packed):
+    batches = batches_of(packed)
+    batches.augment = lambda x, generator: x + torch.randint(0, 3, x.shape, generator=generator, dtype=x.dtype)
+    streamed = batches.streamed_to(torch.device("cpu"))
+    assert streamed.workers == 0  # on a CPU the training threads use the cores
+    streamed.workers = 2  # as on a GPU machine (without pinning: no GPU here)
+    for start in (0, 5):
+        alone, with_workers = list(batches.epoch(2, start)), list(streamed.epoch(2, start))
+        assert len(with_workers) == len(alone) == len(batches) - start
+        for (x, y), (x2, y2) in zip(alone, with_workers, strict=True):
+            assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
 def test_evaluation_batches_cover_every_example_in_order(packed):
     index = read_index(packed)
     val = [shard for shard in index["shards"] if shard["split"] == "val"]

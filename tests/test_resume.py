@@ -283,3 +283,38 @@ def test_an_unwritable_output_stops_before_training(small_data, tmp_path, cli) -
 def test_resume_without_a_run_is_a_clear_error(small_data, tmp_path, cli) -> None:
     code, _, err = cli("train", small_data, "--out", tmp_path / "fresh", "--resume")
     assert code == 2 and "holds no run to resume" in err
+
+
+def test_a_fused_optimizer_resumes_channels_last_weights_exactly() -> None:
+    """GPUs train with fused AdamW, which walks a weight and its moments in memory order: moments restored from a
+    checkpoint (saved contiguous) must take the layout of their channels-last weights again."""
+    from pathlib import Path
+
+    from layerwise.models import create_model
+    from layerwise.training.checkpoint import Checkpoint, restore_training_tensors, training_tensors
+    from layerwise.training.loop import TrainConfig, make_optimizer, prepare_model
+
+    x, y = torch.randn(8, 1, 28, 28).contiguous(memory_format=torch.channels_last), torch.arange(8) % 3
+
+    def fresh(seed: int):
+        torch.manual_seed(seed)
+        model = prepare_model(create_model("convnet_s", in_channels=1, num_classes=3), torch.device("cpu"))
+        return model, make_optimizer(model, TrainConfig(lr=1e-2), fused=True)
+
+    def steps(model, optimizer, n: int) -> None:
+        for _ in range(n):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+    model, optimizer = fresh(0)
+    steps(model, optimizer, 2)
+    saved = Checkpoint(
+        Path("memory"), {"param_groups": optimizer.state_dict()["param_groups"]},
+        {k: v.clone().contiguous() for k, v in training_tensors(model, optimizer).items()},
+    )  # fmt: skip
+    steps(model, optimizer, 2)
+    resumed, resumed_optimizer = fresh(1)
+    restore_training_tensors(saved, resumed, resumed_optimizer)
+    steps(resumed, resumed_optimizer, 2)
+    assert_identical(resumed.state_dict(), model.state_dict())

@@ -19,6 +19,7 @@ from scipy.signal import resample_poly
 
 from layerwise.data.sources import Example, Problem
 from layerwise.errors import DecodeError
+from layerwise.runtime import host_to
 
 SAMPLE_RATE = 16_000  # Hz, every clip is resampled to this
 N_FFT = 400  # 25 ms window
@@ -182,8 +183,10 @@ class AudioFrontEnd:
         b, _, n_mels, n_frames = batch.shape
         floor = batch.amin(dim=(1, 2, 3), keepdim=True)  # "silence" value used for padding and masks
         max_shift = max(1, n_frames // 10)
-        shift = torch.randint(-max_shift, max_shift + 1, (b,), generator=generator)
-        frame_index = torch.arange(n_frames)[None] - shift[:, None]  # (B, frames)
+        # Drawn on the CPU's seeded generator wherever the batch is (a batch held on a GPU gets the same draws).
+        device = batch.device
+        shift = host_to(torch.randint(-max_shift, max_shift + 1, (b,), generator=generator), device)
+        frame_index = torch.arange(n_frames, device=device)[None] - shift[:, None]  # (B, frames)
         valid = (frame_index >= 0) & (frame_index < n_frames)
         gathered = batch.gather(3, frame_index.clamp(0, n_frames - 1)[:, None, None, :].expand(b, 1, n_mels, -1))
         out = torch.where(valid[:, None, None, :], gathered, floor)
@@ -191,7 +194,8 @@ class AudioFrontEnd:
         t_start = (torch.rand(b, generator=generator) * (n_frames - t_width)).long()
         f_width = torch.randint(0, FREQ_MASK_BANDS + 1, (b,), generator=generator)
         f_start = (torch.rand(b, generator=generator) * (n_mels - f_width)).long()
-        frames, bands = torch.arange(n_frames)[None], torch.arange(n_mels)[None]
+        t_width, t_start, f_width, f_start = (host_to(v, device) for v in (t_width, t_start, f_width, f_start))
+        frames, bands = torch.arange(n_frames, device=device)[None], torch.arange(n_mels, device=device)[None]
         t_mask = (frames >= t_start[:, None]) & (frames < (t_start + t_width)[:, None])  # (B, frames)
         f_mask = (bands >= f_start[:, None]) & (bands < (f_start + f_width)[:, None])  # (B, mels)
         mask = t_mask[:, None, None, :] | f_mask[:, None, :, None]

@@ -6,9 +6,12 @@ sees exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 
 import torch
+
+from layerwise.runtime import host_to
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 ToModelInput = Callable[[torch.Tensor], torch.Tensor]
@@ -50,12 +53,23 @@ class TensorBatches:
         """Yield batches `start`, `start+1`, ... of epoch `epoch`."""
         return self.epoch_part(epoch, start)
 
+    def nbytes(self) -> int:
+        return self.inputs.nbytes + self.labels.nbytes
+
+    def on_device(self, device: torch.device) -> TensorBatches:
+        """The same batches, cut and augmented from copies of the tensors on `device` (the random draws stay
+        on the CPU's seeded generators, so the batches are those of the host copy)."""
+        held = copy.copy(self)
+        held.inputs, held.labels = self.inputs.to(device), self.labels.to(device)
+        return held
+
     def epoch_part(
         self, epoch: int, start: int = 0, rank: int = 0, world_size: int = 1
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Rank `rank`'s part of each batch (of `world_size` near-equal parts), cut before augmenting."""
         n = len(self.labels)
         order = torch.randperm(n, generator=seeded_generator(self.seed, epoch)) if self.shuffle else torch.arange(n)
+        order = host_to(order, self.inputs.device)  # once an epoch, where the tensors are held
         for i in range(start, len(self)):
             index = order[i * self.batch_size : (i + 1) * self.batch_size].tensor_split(world_size)[rank]
             raw = self.inputs[index]

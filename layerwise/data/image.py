@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from layerwise.data.sources import Example, Problem
 from layerwise.errors import DecodeError
+from layerwise.runtime import host_to
 
 MIN_SIDE, MAX_SIDE = 16, 128  # decoded square side, chosen from the data within these bounds
 DECODE_CHUNK = 4096  # files per worker task
@@ -176,8 +177,8 @@ class ImageFrontEnd:
 
     def model_input(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) -> float (B, C, H, W), standardised per channel."""
-        mean = torch.tensor(self.prep.mean, device=batch.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.prep.std, device=batch.device).view(1, -1, 1, 1)
+        mean = host_to(torch.tensor(self.prep.mean), batch.device).view(1, -1, 1, 1)
+        std = host_to(torch.tensor(self.prep.std), batch.device).view(1, -1, 1, 1)
         return (batch.float() / 255 - mean) / std
 
     def augment(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -195,14 +196,16 @@ def augment(batch: torch.Tensor, prep: ImagePreprocessing, generator: torch.Gene
     b, _, h, w = batch.shape
     pad = max(1, round(CROP_PADDING_FRACTION * h))
     padded = torch.nn.functional.pad(batch, (pad, pad, pad, pad))  # zeros: (B, C, H+2p, W+2p)
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(-1, padded.shape[1], -1, padded.shape[3])
-    out = padded.gather(2, rows)  # (B, C, H, W+2p)
-    cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(-1, out.shape[1], h, -1)
+    # Drawn on the CPU's seeded generator wherever the batch is (a batch held on a GPU gets the same draws).
+    device = batch.device
+    dy = host_to(torch.randint(0, 2 * pad + 1, (b,), generator=generator), device)
+    dx = host_to(torch.randint(0, 2 * pad + 1, (b,), generator=generator), device)
+    rows = (dy[:, None] + torch.arange(h, device=device))[:, None, :, None]
+    out = padded.gather(2, rows.expand(-1, padded.shape[1], -1, padded.shape[3]))  # (B, C, H, W+2p)
+    cols = (dx[:, None] + torch.arange(w, device=device))[:, None, None, :].expand(-1, out.shape[1], h, -1)
     out = out.gather(3, cols)  # (B, C, H, W)
     if prep.hflip:
-        flip = torch.rand(b, generator=generator) < 0.5
+        flip = host_to(torch.rand(b, generator=generator) < 0.5, device)
         out = torch.where(flip[:, None, None, None], out.flip(3), out)
     return out
 

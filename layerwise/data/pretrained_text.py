@@ -19,6 +19,7 @@ from tokenizers import Tokenizer, processors
 from layerwise.data.sources import Example
 from layerwise.data.text import TOKEN_MASK_PROBABILITY, TokenIds, TokenRoles, read_text
 from layerwise.errors import DecodeError
+from layerwise.runtime import host_to
 
 FRONT_END_NAME = "pretrained_wordpiece"  # config.json "preprocessing"."front_end": how frontend_from_json finds us
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
@@ -102,8 +103,10 @@ class PretrainedTextFrontEnd(TokenIds):
 
     def augment(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Hide a random 10% of the text's tokens behind [MASK] (never [CLS], [SEP] or [PAD])."""
-        real = ~torch.isin(batch, self.special_ids)
-        hide = (torch.rand(batch.shape, generator=generator) < TOKEN_MASK_PROBABILITY) & real
+        real = ~torch.isin(batch, host_to(self.special_ids, batch.device))
+        # The CPU generator's draws, wherever the batch is (a batch held on a GPU gets the same ones).
+        drawn = host_to(torch.rand(batch.shape, generator=generator), batch.device)
+        hide = (drawn < TOKEN_MASK_PROBABILITY) & real
         return torch.where(hide, torch.full_like(batch, self.mask_id), batch)
 
     def baseline_features(self, inputs: torch.Tensor) -> sparse.csr_matrix:

@@ -15,6 +15,7 @@ are in memory. safetensors, not pickle: a shard executes no code when read.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -31,6 +32,7 @@ from layerwise.errors import InputError
 SHARD_FORMAT = "layerwise-shards/1"
 INDEX_FILE = "index.json"
 DEFAULT_SHARD_SIZE = 4096
+MAX_WORKERS = 4  # DataLoader processes streaming shards to a GPU
 
 
 def is_shard_folder(data: Path) -> bool:
@@ -137,12 +139,36 @@ class ShardBatches:
         self.shuffle, self.seed = shuffle, seed
         self.n = sum(shard["n"] for shard in shards)
         self.drop_last = shuffle and self.n >= 2 * batch_size  # as TensorBatches: no tiny last training batch
+        self.workers, self.pin_memory = 0, False  # see `streamed_to`
+
+    def streamed_to(self, device: torch.device) -> ShardBatches:
+        """These batches as the training loop on `device` reads them: on a GPU, made by DataLoader worker
+        processes (reading shards, augmenting, while the GPU trains) into pinned memory, whose copies to the
+        GPU do not wait. On a CPU the training threads already use every core: no workers."""
+        streamed = copy.copy(self)
+        if device.type == "cuda":
+            streamed.workers, streamed.pin_memory = max(1, min(MAX_WORKERS, (os.cpu_count() or 2) // 2)), True
+        return streamed
 
     def __len__(self) -> int:
         return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield batches `start`, `start+1`, ... of epoch `epoch`.
+        """Yield batches `start`, `start+1`, ... of epoch `epoch` (made by worker processes when `workers`)."""
+        if self.workers == 0:
+            return (self._batch(pieces, epoch, i) for i, pieces in self._pieces(epoch, start))
+        # Worker w makes batches start + w, start + w + W, ...; the DataLoader takes them from the workers in
+        # turn, so the order is exactly that of the single-process stream.
+        loader = torch.utils.data.DataLoader(
+            _WorkerShare(self, epoch, start), batch_size=None, num_workers=self.workers,
+            pin_memory=self.pin_memory, multiprocessing_context="fork",
+        )  # fmt: skip
+        return iter(loader)
+
+    def _pieces(
+        self, epoch: int, start: int, wanted: Callable[[int], bool] = lambda i: True
+    ) -> Iterator[tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]]:
+        """(i, the pieces of batch i) for batches `start`, `start+1`, ... of epoch `epoch` that are `wanted`.
 
         A batch is gathered from the loaded shard by index (a copy of just its examples), so when the next
         shard is read only the current one and the pieces of one batch are held.
@@ -167,14 +193,16 @@ class ShardBatches:
             order, skip = order[skip:], 0
             while len(order) and i < len(self):
                 take, order = order[: self.batch_size - pending], order[self.batch_size - pending :]
-                pieces.append((inputs[take], labels[take]))
+                if wanted(i):
+                    pieces.append((inputs[take], labels[take]))
                 pending += len(take)
                 if pending == self.batch_size:
-                    yield self._batch(pieces, epoch, i)
+                    if wanted(i):
+                        yield i, pieces
                     pieces, pending, i = [], 0, i + 1
             del inputs, labels  # before the next shard is read
-        if pieces and i < len(self):  # the ragged last batch (evaluation)
-            yield self._batch(pieces, epoch, i)
+        if pending and i < len(self) and wanted(i):  # the ragged last batch (evaluation)
+            yield i, pieces
 
     def _batch(self, pieces: list[tuple[torch.Tensor, torch.Tensor]], epoch: int, i: int):
         inputs = torch.cat([piece[0] for piece in pieces])
@@ -182,6 +210,22 @@ class ShardBatches:
         if self.augment is not None:
             inputs = self.augment(inputs, seeded_generator(self.seed, epoch, i))
         return self.to_model_input(inputs), labels
+
+
+class _WorkerShare(torch.utils.data.IterableDataset):
+    """The batches of one epoch that a DataLoader worker makes: every `num_workers`-th from `start`. Each
+    worker reads the shards itself (each shard once per worker: the reading is repeated, the page cache
+    shares it) and copies out, joins and augments only its own batches' examples."""
+
+    def __init__(self, batches: ShardBatches, epoch: int, start: int) -> None:
+        self.batches, self.epoch, self.start = batches, epoch, start
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        mine = lambda i: (i - self.start) % workers == worker  # noqa: E731
+        for i, pieces in self.batches._pieces(self.epoch, self.start, mine):
+            yield self.batches._batch(pieces, self.epoch, i)
 
 
 def load_split(data: Path, shards: list[dict], limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from layerwise.data.sources import Example, Problem
 from layerwise.errors import DecodeError
+from layerwise.runtime import host_to
 
 PAD, UNK, CLS, MASK = "[PAD]", "[UNK]", "[CLS]", "[MASK]"
 SPECIAL_TOKENS = [PAD, UNK, CLS, MASK]  # ids 0..3 in this order
@@ -173,7 +174,9 @@ class TextFrontEnd(TokenIds):
 
     def augment(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Hide a random 10% of the real tokens behind [MASK]."""
-        hide = (torch.rand(batch.shape, generator=generator) < TOKEN_MASK_PROBABILITY) & (batch > MASK_ID)
+        # The CPU generator's draws, wherever the batch is (a batch held on a GPU gets the same ones).
+        drawn = host_to(torch.rand(batch.shape, generator=generator), batch.device)
+        hide = (drawn < TOKEN_MASK_PROBABILITY) & (batch > MASK_ID)
         return torch.where(hide, torch.full_like(batch, MASK_ID), batch)
 
     def baseline_features(self, inputs: torch.Tensor) -> sparse.csr_matrix:

@@ -35,7 +35,8 @@ class Objective(Protocol):
     higher_is_better: bool
 
     def loss(self, model: nn.Module, inputs: Any, targets: Any) -> tuple[torch.Tensor, dict[str, float]]:
-        """The training loss of one batch, and per-batch statistics (means) for history.jsonl."""
+        """The training loss of one batch, and per-batch statistics (means, as floats or 0-d tensors) for
+        history.jsonl."""
         ...
 
     def evaluate(self, model: nn.Module, batches: Batches) -> dict[str, float]:
@@ -116,6 +117,9 @@ class Prepared:
     extras: dict = field(default_factory=dict)  # task-private leftovers for the baseline and report
     lr: float = 3e-3  # the peak learning rate when the user gives none
     patience: int | None = None  # epochs without a better validation score before stopping early (None: the loop's)
+    # The training batches at another batch size (same data, seed and augmentation), for the GPU's batch search;
+    # None: the batch size is fixed.
+    batches_of: Callable[[int], Batches] | None = None
 
 
 def result_rows(summary: dict, key: str, show: Callable[[float], str]) -> list[tuple[str, str]]:

@@ -100,7 +100,8 @@ class CrossEntropyObjective:
     def loss(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
         logits = model(inputs).float()  # (B, classes)
         loss = nn.functional.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
-        return loss, {"accuracy": float((logits.argmax(1) == targets).float().mean())}
+        # A tensor, not a float: the loop reads it back when it settles the step (on a GPU, not after every step).
+        return loss, {"accuracy": (logits.argmax(1) == targets).float().mean().detach()}
 
     def evaluate(self, model: nn.Module, batches) -> dict[str, float]:
         logits, labels = predict_logits(model, batches)
@@ -309,7 +310,8 @@ class ClassifyTask(CrossEntropyObjective):
         """The prepared task once the data is read: the model's settings, the batch size, the batches."""
         model_config = model_overrides(model_name, frontend.modality, frontend) | {"num_classes": len(class_names)}
         recipe = fine_tuning_recipe(model_name)  # lr, batch size, patience of a pretrained model; {} otherwise
-        batch = options.batch_size or recipe.pop("batch_size", None) or default_batch_size(n_train)
+        recipe_batch = recipe.pop("batch_size", None)  # a pretrained model's tuned batch: not searched on a GPU
+        batch = options.batch_size or recipe_batch or default_batch_size(n_train)
         return Prepared(
             task=cls(frontend, class_names),
             train_batches=train_batches(batch),
@@ -321,6 +323,7 @@ class ClassifyTask(CrossEntropyObjective):
             batch_size=batch,
             **recipe,
             extras=extras,
+            batches_of=None if recipe_batch else train_batches,
         )
 
     # ------------------------------------------------------------------ after training

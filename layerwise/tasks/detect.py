@@ -170,11 +170,16 @@ class DetectTask:
             raise InputError(f"--model {model_name} is not a detector (detectors: fcos_resnet_s, fcos_resnet_m)")
         batch = min(MAX_BATCH, options.batch_size or MAX_BATCH)
         task = cls(prep, source.class_names)
+
+        def train_batches(size: int) -> BoxBatches:
+            return BoxBatches(
+                train_pixels, train_targets, size, prep.mean, prep.std, augment=True, shuffle=True, seed=options.seed
+            )
+
         return Prepared(
             task=task,
-            train_batches=BoxBatches(
-                train_pixels, train_targets, batch, prep.mean, prep.std, augment=True, shuffle=True, seed=options.seed
-            ),
+            train_batches=train_batches(batch),
+            batches_of=train_batches,
             val_batches=BoxBatches(val_pixels, val_targets, EVAL_BATCH, prep.mean, prep.std),
             model_name=model_name,
             model_config={"num_classes": len(source.class_names), "side": prep.side},

@@ -174,6 +174,7 @@ class FoldTask:
         return Prepared(
             task=cls(crop, templates=train),
             train_batches=ChainBatches(train, batch, crop, shuffle=True, seed=options.seed),
+            batches_of=lambda size: ChainBatches(train, size, crop, shuffle=True, seed=options.seed),
             val_batches=ChainBatches(sorted(val[:EVAL_CHAINS], key=lambda c: len(c.sequence)), EVAL_BATCH, EVAL_CROP),
             model_name=model_name,
             model_config={},

@@ -185,11 +185,15 @@ class TranscribeTask:
             pick = lambda values: [values[i] for i in index]  # noqa: E731
             return SpeechBatches(pick(waves), pick(tokens), pick(language_ids), n_mels=N_MELS, **kwargs)
 
+        def train_batches(size: int) -> SpeechBatches:
+            return batches(train_index, batch_size=size, shuffle=True, augment=True, seed=options.seed)
+
         batch = options.batch_size or BATCH
         frames = int(max_seconds * SAMPLE_RATE / 160 / 4) + 8  # encoder positions after the 4x stem
         return Prepared(
             task=task,
-            train_batches=batches(train_index, batch_size=batch, shuffle=True, augment=True, seed=options.seed),
+            train_batches=train_batches(batch),
+            batches_of=train_batches,
             val_batches=batches(val_index[:EVAL_CLIPS], batch_size=EVAL_BATCH),
             model_name=model_name,
             model_config={

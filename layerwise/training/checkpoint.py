@@ -75,7 +75,26 @@ def restore_training_tensors(checkpoint: Checkpoint, model: nn.Module, optimizer
         if name.startswith("optim."):
             _, index, key = name.split(".", 2)
             optim_state.setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict({"state": optim_state, "param_groups": checkpoint.state["param_groups"]})
+    saved_groups = checkpoint.state["param_groups"]
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise CheckpointError(
+            f"{checkpoint.path}: {len(saved_groups)} optimizer parameter groups, the network has "
+            f"{len(optimizer.param_groups)}"
+        )
+    # The optimizer's implementation is this process's (fused on a GPU, not on a CPU), whichever one saved it.
+    groups = [
+        saved | {k: current[k] for k in ("fused", "foreach") if k in current}
+        for saved, current in zip(saved_groups, optimizer.param_groups, strict=True)
+    ]
+    optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
+    # Moments in their parameter's layout (channels-last convolutions): they are saved contiguous, and a fused
+    # optimizer walks a parameter and its moments in memory order, so different layouts would pair wrong elements.
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])

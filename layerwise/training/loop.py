@@ -43,10 +43,15 @@ from layerwise.training.distributed import (
     leave,
     process_group_from_env,
 )
+from layerwise.training.memory import accumulate, count_examples, hold_on_device, release_memory
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before rolling back to the last good state
 MAX_ROLLBACKS = 1  # roll-backs before giving up
 ROLLBACK_LR_FACTOR = 0.1
+# On a GPU the host reads the steps' outcomes (finite or not, the loss, the statistics) back once per this many
+# steps instead of after each: every read waits for the GPU to finish, and then the GPU waits for the host to
+# launch the next step. A non-finite step is still skipped at once, on the GPU (see `_apply_gradients`).
+SETTLE_EVERY = 16
 
 
 @dataclass(frozen=True)
@@ -188,8 +193,9 @@ def stage_depths(model: nn.Module) -> dict[str, int]:
     return depths
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; biases, norms and embeddings (1-D or position tables) get no weight decay.
+def make_optimizer(model: nn.Module, config: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW; biases, norms and embeddings (1-D or position tables) get no weight decay. `fused`: one kernel per
+    step on a GPU, which can also skip a step on the device's word (`found_inf`) without the host waiting.
 
     One group per (stage, decay or not): a group's `lr_scale` is the layer-wise decay of its stage and
     `backbone` marks the stages that a transfer schedule freezes first (see `group_learning_rate`).
@@ -209,7 +215,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
         }
         for (depth, no_decay), params in sorted(groups.items())
     ]  # fmt: skip
-    return torch.optim.AdamW(param_groups, lr=config.lr, betas=(0.9, 0.99), fused=False)
+    return torch.optim.AdamW(param_groups, lr=config.lr, betas=(0.9, 0.99), fused=fused)
 
 
 def set_backbone_frozen(optimizer: torch.optim.Optimizer, frozen: bool) -> None:
@@ -330,7 +336,10 @@ def train_in_group(
     torch.manual_seed(config.seed)
     model = prepare_model(model, device)
     channels_last = channels_last_for(model, device)
-    optimizer = make_optimizer(model, config)
+    # On a single GPU (not fp16, whose scaler reads its overflow check on the host), the host does not wait for
+    # each step: outcomes are settled every SETTLE_EVERY steps. Elsewhere every step is settled as it ends.
+    deferred = device.type == "cuda" and precision != "fp16" and not group.distributed
+    optimizer = make_optimizer(model, config, fused=deferred)
     # fp16 overflows where bf16 does not: its loss is scaled up, and steps with inf gradients are skipped
     # by the scaler (which lowers the scale) rather than counted as divergence.
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -370,6 +379,7 @@ def train_in_group(
     # under torchrun. Checkpoints and run files hold `model`'s own weights: no `_orig_mod.`/`module.` names,
     # so they load and resume whether or not the next run compiles or spreads over processes.
     step = LossOf(torch.compile(model) if config.compile else model, objective)
+    train_batches = hold_on_device(train_batches, device, log)
     if group.distributed:
         step = data_parallel(step, device)
         train_batches = RankBatches(train_batches, group)
@@ -401,9 +411,48 @@ def train_in_group(
     def stop(kind: str, reason: str) -> None:
         state.stop_kind, state.stop_reason = kind, reason
 
+    def backward(loss: torch.Tensor) -> None:
+        scaler.scale(loss).backward()
+
+    def forward_context():
+        return autocast_to(device, precision)
+
+    pending: list[tuple[int, str | torch.Tensor, torch.Tensor, dict]] = []  # steps taken but not yet settled
+
+    def settle() -> bool:
+        """Book the pending steps on the host, in order: the epoch's sums, and the count of non-finite steps in
+        a row, which rolls the run back to the last good state after MAX_BAD_STEPS. True when it rolled back."""
+        nonlocal state, best_weights, bad_steps
+        steps = list(pending)
+        pending.clear()
+        for step_number, outcome, loss, stats in steps:
+            if isinstance(outcome, torch.Tensor):  # deferred: the GPU's "all finite" flag
+                outcome = STEP_TAKEN if bool(outcome) else STEP_BAD
+            if outcome == STEP_BAD:
+                bad_steps += 1  # the update was skipped: NaN never reaches the weights
+                log(f"step {step_number}: non-finite loss or gradient, update skipped")
+                if bad_steps >= MAX_BAD_STEPS:
+                    if state.rollbacks >= MAX_ROLLBACKS:
+                        raise TrainingDiverged(
+                            f"loss or gradients non-finite for {bad_steps} steps in a row up to step "
+                            f"{step_number}, even after {state.rollbacks} roll-back(s) with a lower learning rate"
+                        )
+                    state = _roll_back(last_good, model, optimizer, state, log)
+                    best_weights = _prefixed(last_good[0], "best.")
+                    bad_steps = 0
+                    return True
+            elif outcome == STEP_TAKEN:
+                bad_steps = 0
+                state.epoch_loss_sum += float(loss)
+                for name, value in stats.items():
+                    state.epoch_stat_sums[name] = state.epoch_stat_sums.get(name, 0.0) + float(value)
+                state.epoch_seen += 1
+        return False
+
     last_good = snapshot()  # rolled back to after repeated non-finite steps
     clock = seconds_before  # training seconds as rank 0 counts them, agreed after every step
     bad_steps = 0
+    micro_batches = 1  # doubled each time a step runs out of memory (see `accumulate`)
     backbone_frozen = False
     last_checkpoint = time.perf_counter()
     with _stop_requests() as stop_requests, _progress(show_progress and writes) as progress:
@@ -433,10 +482,24 @@ def train_in_group(
                 for group_settings in optimizer.param_groups:
                     group_settings["lr"] = group_learning_rate(config, group_settings, state.lr, progress_fraction)
                 x, y = to_device(x, device, channels_last), to_device(y, device)
-                with autocast_to(device, precision):
-                    loss, stats = step(x, y)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                while True:
+                    optimizer.zero_grad(set_to_none=True)
+                    try:
+                        loss, stats = accumulate(step, x, y, micro_batches, backward, forward_context)
+                        break
+                    except torch.OutOfMemoryError:
+                        # Under DDP the other ranks are already inside this step's all-reduces: a retry on one
+                        # rank alone would pair its gradients with theirs wrongly. The run stops (--resume).
+                        if micro_batches >= count_examples(x) or group.distributed:
+                            raise
+                    # Out of the except block, so that the error's frames (and the tensors they hold) are gone.
+                    optimizer.zero_grad(set_to_none=True)
+                    release_memory(device)
+                    micro_batches *= 2
+                    log(
+                        f"step {state.global_step}: out of {device.type} memory with {count_examples(x)} examples at "
+                        f"once; retrying as {micro_batches} micro-batches whose gradients add up to one step"
+                    )
                 scaler.unscale_(optimizer)
                 grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 checkpoint_due = time.perf_counter() - last_checkpoint >= config.checkpoint_every_s
@@ -446,29 +509,14 @@ def train_in_group(
                     group, loss, elapsed(), [bool(stop_requests), checkpoint_due]
                 )
                 time_up = bool(config.time_budget_s and clock >= config.time_budget_s)
-                outcome = _apply_gradients(optimizer, scaler, loss, grad_norm)
-                if outcome == STEP_BAD:
-                    bad_steps += 1  # skip the update: NaN must never reach the weights
-                    log(f"step {state.global_step}: non-finite loss or gradient, update skipped")
-                    if bad_steps >= MAX_BAD_STEPS:
-                        if state.rollbacks >= MAX_ROLLBACKS:
-                            raise TrainingDiverged(
-                                f"loss or gradients non-finite for {bad_steps} steps in a row up to step "
-                                f"{state.global_step}, even after {state.rollbacks} roll-back(s) "
-                                "with a lower learning rate"
-                            )
-                        state = _roll_back(last_good, model, optimizer, state, log)
-                        best_weights = _prefixed(last_good[0], "best.")
-                        bad_steps, rolled_back = 0, True
-                        break
-                elif outcome == STEP_TAKEN:
-                    bad_steps = 0
-                    state.epoch_loss_sum += loss.item()
-                    for name, value in stats.items():
-                        state.epoch_stat_sums[name] = state.epoch_stat_sums.get(name, 0.0) + value
-                    state.epoch_seen += 1
+                outcome = _apply_gradients(optimizer, scaler, loss, grad_norm, deferred)
+                pending.append((state.global_step, outcome, loss, stats))
                 state.step_in_epoch += 1
                 state.global_step += 1
+                if not deferred or signalled or time_up or checkpoint_due or len(pending) >= SETTLE_EVERY:
+                    rolled_back = settle()
+                    if rolled_back:
+                        break
                 eta = _eta(state, total_steps, first_step, time.perf_counter() - started, config, elapsed())
                 rate = state.epoch_seen / max(time.perf_counter() - epoch_started, 1e-9)
                 progress.update(bar, completed=state.global_step, **_bar_fields(state, rate, eta))
@@ -481,6 +529,7 @@ def train_in_group(
                 if checkpoint_due:
                     last_good = checkpoint_now()
                     last_checkpoint = time.perf_counter()
+            rolled_back = rolled_back or settle()  # the epoch's last steps
             if rolled_back:
                 continue
 
@@ -493,6 +542,8 @@ def train_in_group(
             record |= {f"train_{name}": total / seen for name, total in state.epoch_stat_sums.items()}
             record |= {f"val_{name}": value for name, value in val_metrics.items()}
             record |= {"lr": state.lr, "seconds": round(elapsed(), 2)}
+            if micro_batches > 1:  # the device's memory did not hold a whole batch at once
+                record["micro_batches"] = micro_batches
             state.history.append(record)
             if out_dir is not None and writes:
                 with open(out_dir / "history.jsonl", "a") as f:
@@ -531,13 +582,23 @@ def train_in_group(
 STEP_TAKEN, STEP_OVERFLOW, STEP_BAD = "taken", "overflow", "bad"
 
 
-def _apply_gradients(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss, grad_norm) -> str:
+def _apply_gradients(
+    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss, grad_norm, deferred: bool = False
+) -> str | torch.Tensor:
     """Step the optimizer unless the step is not finite, and close the scaler's step on every path.
 
     STEP_TAKEN: an update. STEP_OVERFLOW (fp16 only): the gradients overflowed; the scaler skips the update
     and lowers its scale, which is routine, not divergence. STEP_BAD: a non-finite loss (or gradients outside
     fp16): nothing reaches the weights, and the loop counts it.
+    `deferred` (a fused optimizer, no loss scaling): the check stays on the device, where the fused kernel skips
+    a non-finite step through `found_inf` (the attribute GradScaler sets for the same purpose); the return value
+    is the device's "all finite" flag, read when the loop settles the step.
     """
+    if deferred:
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        optimizer.found_inf = (~finite).float()
+        optimizer.step()
+        return finite
     if torch.isfinite(loss) and torch.isfinite(grad_norm):
         outcome = STEP_TAKEN
     elif scaler.is_enabled() and torch.isfinite(loss):
