@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -192,3 +193,15 @@ def test_a_gpu_run_searches_its_batch_and_records_it(tmp_path, fashion_train):
     # 540 training images leave no room above the task's default batch for 50 steps an epoch.
     assert search["device"] == "cuda" and search["chosen"] == config["train"]["batch_size"]
     assert model.summary["device"].startswith("cuda")
+
+
+def test_token_windows_held_on_a_device_are_the_windows_of_the_host_stream():
+    from layerwise.data.windows import RandomWindows
+
+    tokens = np.random.default_rng(0).integers(0, 500, 5_000).astype(np.uint16)  # as a memory-mapped stream
+    host = RandomWindows(tokens, context_len=32, batch_size=8, seed=4)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    held = host.on_device(torch.device(device))
+    for (x, y), (hx, hy) in zip(host.epoch(1, start=3), held.epoch(1, start=3), strict=True):
+        assert hx.device.type == device and hx.dtype == x.dtype == torch.int64
+        assert torch.equal(x, hx.cpu()) and torch.equal(y, hy.cpu())

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from layerwise.data.batches import seeded_generator
+from layerwise.runtime import host_to
 
 # An "epoch" is an evaluation interval: one pass over the training tokens, but at least 50 steps (a tiny
 # corpus would otherwise spend most of its time evaluating) and at most 250 (a large one is checked often).
@@ -35,9 +37,23 @@ class RandomWindows:
             starts = torch.randint(
                 0, last_start + 1, (self.batch_size,), generator=seeded_generator(self.seed, epoch, i)
             )
-            windows = np.stack([self.tokens[s : s + self.context_len + 1] for s in starts.tolist()])
-            windows = torch.from_numpy(windows.astype(np.int64))  # (B, T + 1)
+            if isinstance(self.tokens, torch.Tensor):  # held on a device: the windows are gathered there
+                offsets = host_to(starts, self.tokens.device)[:, None]
+                windows = self.tokens[offsets + torch.arange(self.context_len + 1, device=self.tokens.device)]
+            else:
+                windows = np.stack([self.tokens[s : s + self.context_len + 1] for s in starts.tolist()])
+                windows = torch.from_numpy(windows.astype(np.int64))  # (B, T + 1)
             yield windows[:, :-1], windows[:, 1:]
+
+    def nbytes(self) -> int:
+        return len(self.tokens) * 8  # as int64 on the device
+
+    def on_device(self, device: torch.device) -> RandomWindows:
+        """The same windows (the offsets still drawn on the CPU's seeded generator), gathered from a copy of the
+        token stream on `device`."""
+        held = copy.copy(self)
+        held.tokens = torch.from_numpy(np.asarray(self.tokens, dtype=np.int64)).to(device)
+        return held
 
 
 class SequentialWindows:
