@@ -142,6 +142,22 @@ def test_batches_are_seeded_and_keep_the_random_stream() -> None:
         assert torch.equal(x1, x2) and all(torch.equal(a, b) for a, b in zip(b1, b2, strict=True))
 
 
+def test_worker_processes_make_the_same_augmented_batches_in_order() -> None:
+    images = torch.randint(0, 255, (10, 3, 64, 64), dtype=torch.uint8)
+    targets = [(torch.tensor([[5.0, 5.0, 30.0 + i, 30.0]]), torch.tensor([i % 3])) for i in range(10)]
+    batches = BoxBatches(images, targets, 3, (0.5,) * 3, (0.25,) * 3, augment=True, shuffle=True, seed=1)
+    assert batches.streamed_to(torch.device("cpu")).workers == 0  # on a CPU the training threads use the cores
+    streamed = batches.streamed_to(torch.device("cpu"))
+    streamed.workers = 2  # as on a GPU machine (without pinning: no GPU here)
+    for start in (0, 2):
+        alone, made = list(batches.epoch(1, start)), list(streamed.epoch(1, start))
+        assert len(made) == len(alone) == len(batches) - start
+        for (x1, y1), (x2, y2) in zip(alone, made, strict=True):
+            assert torch.equal(x1, x2)
+            assert all(torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["labels"], b["labels"])
+                       for a, b in zip(y1, y2, strict=True))  # fmt: skip
+
+
 @pytest.mark.slow
 def test_a_detector_overfits_a_handful_of_scenes(tmp_path) -> None:
     """FCOS on the resnet_s backbone learns 8 scenes to mAP@0.5 >= 0.95 (no augmentation)."""

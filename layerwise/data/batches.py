@@ -7,6 +7,7 @@ sees exactly the batches an uninterrupted one would.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable, Iterator
 
 import torch
@@ -15,6 +16,39 @@ from layerwise.runtime import host_to
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 ToModelInput = Callable[[torch.Tensor], torch.Tensor]
+
+
+MAX_WORKERS = 4  # DataLoader processes making batches for a GPU
+
+
+def workers_for(device: torch.device) -> int:
+    """DataLoader worker processes for batches made on the host for `device`: on a GPU half the cores (at most
+    MAX_WORKERS) make the next batches while it trains; on a CPU the training threads use every core: none."""
+    return max(1, min(MAX_WORKERS, (os.cpu_count() or 2) // 2)) if device.type == "cuda" else 0
+
+
+class _BatchAt(torch.utils.data.Dataset):
+    """Batches `start`, `start+1`, ... of one epoch, each made by `batches.batch_at(epoch, i)` alone."""
+
+    def __init__(self, batches, epoch: int, start: int) -> None:
+        self.batches, self.epoch, self.start = batches, epoch, start
+
+    def __len__(self) -> int:
+        return max(0, len(self.batches) - self.start)
+
+    def __getitem__(self, k: int):
+        return self.batches.batch_at(self.epoch, self.start + k)
+
+
+def made_by_workers(batches, epoch: int, start: int, workers: int, pin_memory: bool) -> Iterator:
+    """Batches of `batches` (which has `batch_at(epoch, i)`, a function of (epoch, i) alone) made by `workers`
+    DataLoader processes, in order: the same batches the training process would make, into pinned memory on
+    request (its copies to a GPU then need not wait)."""
+    loader = torch.utils.data.DataLoader(
+        _BatchAt(batches, epoch, start), batch_size=None, shuffle=False, num_workers=workers,
+        pin_memory=pin_memory, multiprocessing_context="fork",
+    )  # fmt: skip
+    return iter(loader)
 
 
 def seeded_generator(*keys: int) -> torch.Generator:

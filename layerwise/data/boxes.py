@@ -7,6 +7,7 @@ so a batch is one tensor and boxes only scale: a box in the letterboxed image di
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from layerwise.data.batches import made_by_workers, workers_for
 from layerwise.errors import DecodeError
 
 MIN_SIDE, MAX_SIDE = 128, 512
@@ -101,32 +103,43 @@ class BoxBatches:
         self.batch_size, self.mean, self.std = batch_size, mean, std
         self.augment, self.shuffle, self.seed = augment, shuffle, seed
         self.transform = box_augmentation() if augment else None
+        self.workers, self.pin_memory = 0, False  # see `streamed_to`
+        self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its example order), made once an epoch
 
     def __len__(self) -> int:
         return math.ceil(len(self.images) / self.batch_size)
 
+    def streamed_to(self, device: torch.device) -> BoxBatches:
+        """These batches as the training loop on `device` reads them: on a GPU made (augmented per image on the
+        CPU) by DataLoader worker processes into pinned memory while it trains; on a CPU in the training process."""
+        streamed = copy.copy(self)
+        streamed.workers, streamed.pin_memory = workers_for(device), device.type == "cuda"
+        return streamed
+
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, list[dict]]]:
-        n = len(self.images)
-        order = (
-            torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-            if self.shuffle
-            else torch.arange(n)
-        )
-        for i in range(start, len(self)):
-            index = order[i * self.batch_size : (i + 1) * self.batch_size]
-            images = self.images[index]
-            boxes = [self.targets[j][0] for j in index.tolist()]
-            labels = [self.targets[j][1] for j in index.tolist()]
-            if self.transform is not None:
-                # transforms.v2 draws from torch's global generator: fork it, so augmentation is seeded by
-                # (seed, epoch, batch) and leaves the training's own random stream untouched.
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(hash((self.seed, epoch, i)) % 2**31)
-                    results = [
-                        augment_one(self.transform, im, b, lab)
-                        for im, b, lab in zip(images, boxes, labels, strict=True)
-                    ]
-                images = torch.stack([r[0] for r in results])
-                boxes, labels = [r[1] for r in results], [r[2] for r in results]
-            targets = [{"boxes": b.float(), "labels": lab.long()} for b, lab in zip(boxes, labels, strict=True)]
-            yield normalise(images, self.mean, self.std), targets
+        if self.workers:
+            return made_by_workers(self, epoch, start, self.workers, self.pin_memory)
+        return (self.batch_at(epoch, i) for i in range(start, len(self)))
+
+    def batch_at(self, epoch: int, i: int) -> tuple[torch.Tensor, list[dict]]:
+        """Batch `i` of epoch `epoch`: a function of (seed, epoch, i) alone."""
+        if self._order is None or self._order[0] != epoch:
+            n = len(self.images)
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._order = (epoch, torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n))
+        index = self._order[1][i * self.batch_size : (i + 1) * self.batch_size]
+        images = self.images[index]
+        boxes = [self.targets[j][0] for j in index.tolist()]
+        labels = [self.targets[j][1] for j in index.tolist()]
+        if self.transform is not None:
+            # transforms.v2 draws from torch's global generator: fork it, so augmentation is seeded by
+            # (seed, epoch, batch) and leaves the training's own random stream untouched.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(hash((self.seed, epoch, i)) % 2**31)
+                results = [
+                    augment_one(self.transform, im, b, lab) for im, b, lab in zip(images, boxes, labels, strict=True)
+                ]
+            images = torch.stack([r[0] for r in results])
+            boxes, labels = [r[1] for r in results], [r[2] for r in results]
+        targets = [{"boxes": b.float(), "labels": lab.long()} for b, lab in zip(boxes, labels, strict=True)]
+        return normalise(images, self.mean, self.std), targets

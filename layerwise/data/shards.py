@@ -25,14 +25,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from layerwise.data.batches import seeded_generator
+from layerwise.data.batches import seeded_generator, workers_for
 from layerwise.data.sources import Example, Problem
 from layerwise.errors import InputError
 
 SHARD_FORMAT = "layerwise-shards/1"
 INDEX_FILE = "index.json"
 DEFAULT_SHARD_SIZE = 4096
-MAX_WORKERS = 4  # DataLoader processes streaming shards to a GPU
 
 
 def is_shard_folder(data: Path) -> bool:
@@ -146,8 +145,7 @@ class ShardBatches:
         processes (reading shards, augmenting, while the GPU trains) into pinned memory, whose copies to the
         GPU do not wait. On a CPU the training threads already use every core: no workers."""
         streamed = copy.copy(self)
-        if device.type == "cuda":
-            streamed.workers, streamed.pin_memory = max(1, min(MAX_WORKERS, (os.cpu_count() or 2) // 2)), True
+        streamed.workers, streamed.pin_memory = workers_for(device), device.type == "cuda"
         return streamed
 
     def __len__(self) -> int:
