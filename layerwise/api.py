@@ -31,7 +31,7 @@ from layerwise.tasks.base import FitOptions, RunMismatch
 from layerwise.training.checkpoint import Checkpoint, CheckpointError, list_checkpoints, load_latest_checkpoint
 from layerwise.training.distributed import device_for, process_group_from_env
 from layerwise.training.loop import LoopState, TrainConfig, stage_depths, train
-from layerwise.training.memory import HOLD_FRACTION, MIN_STEPS_PER_EPOCH, BatchSearch, largest_batch
+from layerwise.training.memory import MIN_STEPS_PER_EPOCH, BatchSearch, bytes_to_hold, largest_batch
 
 __all__ = ["fit", "load"]
 
@@ -274,8 +274,7 @@ def search_batch_size(network, prepared, settings: Settings, saved: dict | None,
         return None
     precision = resolve_precision(settings.precision, device)
     n_train = int(prepared.data_summary.get("n_train", 0))
-    nbytes = getattr(prepared.train_batches, "nbytes", None)
-    held = nbytes() if nbytes is not None and nbytes() <= HOLD_FRACTION * torch.cuda.mem_get_info(device)[0] else 0
+    held = bytes_to_hold(prepared.train_batches, device)  # the training data the loop will copy to the GPU
     return largest_batch(
         network, prepared.task, prepared.batches_of, prepared.batch_size, n_train, device, precision, held
     )  # fmt: skip

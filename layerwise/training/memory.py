@@ -189,22 +189,28 @@ def release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def bytes_to_hold(batches, device: torch.device) -> int:
+    """How many bytes of training data `hold_on_device` will copy to `device`: the batches' tensors when they
+    know how to move (`on_device`) and fit in HOLD_FRACTION of the GPU's free memory, else 0."""
+    if device.type != "cuda" or getattr(batches, "on_device", None) is None:
+        return 0
+    size = batches.nbytes()
+    return size if size <= HOLD_FRACTION * torch.cuda.mem_get_info(device)[0] else 0
+
+
 def hold_on_device(batches, device: torch.device, log=print):
     """`batches` drawn from copies of their tensors on the GPU, when they fit in HOLD_FRACTION of its free
-    memory and the batches know how (`on_device`); batches streamed from disk (`streamed_to`) as they stream to
+    memory and the batches know how (`on_device`); batches made on the host (`streamed_to`) as they stream to
     `device`; otherwise `batches` as they are."""
     streamed_to = getattr(batches, "streamed_to", None)
     if streamed_to is not None:
         return streamed_to(device)
-    on_device = getattr(batches, "on_device", None)
-    if device.type != "cuda" or on_device is None:
+    if device.type != "cuda" or getattr(batches, "on_device", None) is None:
         return batches
-    free, _ = torch.cuda.mem_get_info(device)
-    size = batches.nbytes()
-    if size > HOLD_FRACTION * free:
+    if bytes_to_hold(batches, device) == 0:
         log(
-            f"the training data ({size / 2**30:.1f} GiB) stays in host memory: it would take more than "
-            f"{HOLD_FRACTION:.0%} of the GPU's free memory ({free / 2**30:.1f} GiB)"
+            f"the training data ({batches.nbytes() / 2**30:.1f} GiB) stays in host memory: it would take more than "
+            f"{HOLD_FRACTION:.0%} of the GPU's free memory ({torch.cuda.mem_get_info(device)[0] / 2**30:.1f} GiB)"
         )
         return batches
-    return on_device(device)
+    return batches.on_device(device)
