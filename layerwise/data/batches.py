@@ -42,12 +42,16 @@ class _BatchAt(torch.utils.data.Dataset):
 
 def made_by_workers(batches, epoch: int, start: int, workers: int, pin_memory: bool) -> Iterator:
     """Batches of `batches` (which has `batch_at(epoch, i)`, a function of (epoch, i) alone) made by `workers`
-    DataLoader processes, in order: the same batches the training process would make, into pinned memory on
-    request (its copies to a GPU then need not wait)."""
+    DataLoader processes, in order: the same batches the training process would make."""
+    return worker_stream(_BatchAt(batches, epoch, start), workers, pin_memory)
+
+
+def worker_stream(dataset: torch.utils.data.Dataset, workers: int, pin_memory: bool) -> Iterator:
+    """The ready-made batches of `dataset` (items are whole batches), made by `workers` DataLoader processes
+    and taken from them in turn, into pinned memory on request (its copies to a GPU then need not wait)."""
     loader = torch.utils.data.DataLoader(
-        _BatchAt(batches, epoch, start), batch_size=None, shuffle=False, num_workers=workers,
-        pin_memory=pin_memory, multiprocessing_context="fork",
-    )  # fmt: skip
+        dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory, multiprocessing_context="fork"
+    )
     return iter(loader)
 
 

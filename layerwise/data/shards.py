@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from layerwise.data.batches import seeded_generator, workers_for
+from layerwise.data.batches import seeded_generator, worker_stream, workers_for
 from layerwise.data.sources import Example, Problem
 from layerwise.errors import InputError
 
@@ -157,11 +157,7 @@ class ShardBatches:
             return (self._batch(pieces, epoch, i) for i, pieces in self._pieces(epoch, start))
         # Worker w makes batches start + w, start + w + W, ...; the DataLoader takes them from the workers in
         # turn, so the order is exactly that of the single-process stream.
-        loader = torch.utils.data.DataLoader(
-            _WorkerShare(self, epoch, start), batch_size=None, num_workers=self.workers,
-            pin_memory=self.pin_memory, multiprocessing_context="fork",
-        )  # fmt: skip
-        return iter(loader)
+        return worker_stream(_WorkerShare(self, epoch, start), self.workers, self.pin_memory)
 
     def _pieces(
         self, epoch: int, start: int, wanted: Callable[[int], bool] = lambda i: True

@@ -171,10 +171,14 @@ class FoldTask:
             raise InputError(f"--model {model_name} does not fold proteins (folding models: fold_xs, fold_s)")
         crop = int(saved["preprocessing"]["crop"]) if saved else TRAIN_CROP
         batch = options.batch_size or BATCH
+
+        def train_batches(size: int) -> ChainBatches:
+            return ChainBatches(train, size, crop, shuffle=True, seed=options.seed)
+
         return Prepared(
             task=cls(crop, templates=train),
-            train_batches=ChainBatches(train, batch, crop, shuffle=True, seed=options.seed),
-            batches_of=lambda size: ChainBatches(train, size, crop, shuffle=True, seed=options.seed),
+            train_batches=train_batches(batch),
+            batches_of=train_batches,
             val_batches=ChainBatches(sorted(val[:EVAL_CHAINS], key=lambda c: len(c.sequence)), EVAL_BATCH, EVAL_CROP),
             model_name=model_name,
             model_config={},

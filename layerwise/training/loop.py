@@ -21,7 +21,15 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from layerwise.errors import InputError
-from layerwise.runtime import PRECISIONS, autocast_to, channels_last_for, resolve_device, resolve_precision, to_device
+from layerwise.runtime import (
+    PRECISIONS,
+    autocast_to,
+    channels_last_for,
+    prepare_model,
+    resolve_device,
+    resolve_precision,
+    to_device,
+)
 from layerwise.tasks.base import Batches, Objective, score
 from layerwise.training.checkpoint import (
     Checkpoint,
@@ -233,13 +241,6 @@ def group_learning_rate(config: TrainConfig, group: dict, lr: float, progress: f
         thawed = (progress - config.freeze_fraction) / max(config.warmup_fraction, 1e-9)
         scale *= min(1.0, max(0.0, thawed))
     return lr * scale
-
-
-def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
-    model.to(device)
-    if channels_last_for(model, device):
-        model.to(memory_format=torch.channels_last)  # oneDNN convolutions are faster in NHWC
-    return model
 
 
 @contextmanager

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from layerwise.runtime import autocast_to, channels_last_for, to_device
+from layerwise.runtime import autocast_to, channels_last_for, prepare_model, to_device
 from layerwise.training.distributed import LossOf, part_of
 
 MAX_AUTO_BATCH = 4096
@@ -89,9 +89,7 @@ def largest_batch(
     chosen = start
     if limit > start:
         total = torch.cuda.get_device_properties(device).total_memory
-        probe = copy.deepcopy(network).to(device)
-        if channels_last_for(probe, device):
-            probe.to(memory_format=torch.channels_last)
+        probe = prepare_model(copy.deepcopy(network), device)
         probe.train()
         # AdamW's two moments and the gradients, in float32, come on top of what one step measures.
         optimizer_bytes = 3 * sum(p.numel() * 4 for p in probe.parameters() if p.requires_grad)
