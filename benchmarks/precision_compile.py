@@ -5,9 +5,10 @@ memory, through layerwise's own `train()` (TensorBatches, channels_last, no augm
 `--epochs` epochs; the first epoch pays for compilation and warm-up, so images/s is measured on the
 epochs after it (from history.jsonl's per-epoch seconds). Every ratio is against fp32 eager measured in
 the same run. `--devices 2` adds `layerwise train`-style data parallelism (torchrun, gloo) with the
-same global batch; on a 2-core CPU it shows the cost of splitting the cores, not a speed-up.
+same global batch, replicated (DDP) and sharded (FSDP, `--strategy fsdp`: the cost of gathering weights and
+reduce-scattering gradients); on a 2-core CPU it shows the cost of splitting the cores, not a speed-up.
 
-    .venv/bin/python benchmarks/precision_compile.py [--n 8192] [--epochs 3] [--devices 2]
+    .venv/bin/python benchmarks/precision_compile.py [--n 8192] [--epochs 3] [--devices 2 [--processes-only]]
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ from layerwise.training.loop import TrainConfig, train  # noqa: E402
 VARIANTS = [("fp32", False), ("bf16", False), ("fp16", False), ("fp32", True), ("bf16", True)]
 
 
-def measure(initial, data, precision: str, compile: bool, epochs: int, batch: int) -> dict:
+def measure(initial, data, precision: str, compile: bool, epochs: int, batch: int, strategy: str = "ddp") -> dict:
     config = TrainConfig(
-        epochs=epochs, batch_size=batch, device="cpu", precision=precision, compile=compile, patience=100
-    )
+        epochs=epochs, batch_size=batch, device="cpu", precision=precision, compile=compile, patience=100,
+        strategy=strategy,
+    )  # fmt: skip
     train_batches = TensorBatches(data.train_x, data.train_y, batch, data.frontend.model_input, shuffle=True)
     val_batches = TensorBatches(data.val_x, data.val_y, VAL_BATCH, data.frontend.model_input)
     with tempfile.TemporaryDirectory() as out:
@@ -58,7 +60,7 @@ def measure(initial, data, precision: str, compile: bool, epochs: int, batch: in
     }
 
 
-def two_processes(n: int, epochs: int, batch: int) -> dict:
+def two_processes(n: int, epochs: int, batch: int, strategy: str) -> dict:
     """The same run as fp32 eager, as 2 torchrun processes (each half of every batch, 1 thread each)."""
     script = f"""
 import sys, json, torch
@@ -68,7 +70,7 @@ from layerwise.models import create_model
 data = load_data({n})
 torch.manual_seed(0)
 initial = create_model("convnet_s", in_channels=1, num_classes=10)
-row = measure(initial, data, "fp32", False, {epochs}, {batch})
+row = measure(initial, data, "fp32", False, {epochs}, {batch}, {strategy!r})
 if __import__("os").environ.get("RANK") == "0":
     print("RESULT " + json.dumps(row))
 """
@@ -83,7 +85,7 @@ if __import__("os").environ.get("RANK") == "0":
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:
         raise SystemExit(f"the 2-process run failed:\n{done.stderr[-3000:]}")
-    return {**json.loads(lines[-1][len("RESULT ") :]), "precision": "fp32 x2 processes"}
+    return {**json.loads(lines[-1][len("RESULT ") :]), "precision": f"fp32 x2 processes {strategy}"}
 
 
 def main() -> None:
@@ -92,20 +94,22 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--devices", type=int, default=1, choices=(1, 2))
+    parser.add_argument("--processes-only", action="store_true", help="of the 1-process variants, fp32 eager only")
     args = parser.parse_args()
     data = load_data(args.n)
     torch.manual_seed(0)
     initial = create_model("convnet_s", in_channels=1, num_classes=10)
     print(f"torch {torch.__version__}, {os.cpu_count()} cpus, {torch.get_num_threads()} threads, "
           f"native bf16: {_cpu_has_bf16()}, {args.n} images, batch {args.batch}")  # fmt: skip
-    rows = [measure(initial, data, precision, compile, args.epochs, args.batch) for precision, compile in VARIANTS]
+    variants = VARIANTS[:1] if args.processes_only else VARIANTS
+    rows = [measure(initial, data, precision, compile, args.epochs, args.batch) for precision, compile in variants]
     if args.devices == 2:
-        rows.append(two_processes(args.n, args.epochs, args.batch))
+        rows += [two_processes(args.n, args.epochs, args.batch, strategy) for strategy in ("ddp", "fsdp")]
     base = rows[0]["images_per_s"]
-    print(f"{'variant':<22} {'images/s':>9} {'ratio':>6} {'1st epoch s':>12} {'val acc':>8}")
+    print(f"{'variant':<26} {'images/s':>9} {'ratio':>6} {'1st epoch s':>12} {'val acc':>8}")
     for row in rows:
         name = f"{row['precision']}{' compiled' if row['compile'] else ''}"
-        print(f"{name:<22} {row['images_per_s']:>9.0f} {row['images_per_s'] / base:>6.2f} "
+        print(f"{name:<26} {row['images_per_s']:>9.0f} {row['images_per_s'] / base:>6.2f} "
               f"{row['first_epoch_s']:>12.1f} {row['val_accuracy']:>8.3f}")  # fmt: skip
     best = max(rows, key=lambda r: r["images_per_s"])
     print(

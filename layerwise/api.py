@@ -29,7 +29,7 @@ from layerwise.runtime import resolve_device, resolve_precision
 from layerwise.tasks import detect_task, task_class
 from layerwise.tasks.base import FitOptions, RunMismatch
 from layerwise.training.checkpoint import Checkpoint, CheckpointError, list_checkpoints, load_latest_checkpoint
-from layerwise.training.distributed import device_for, process_group_from_env
+from layerwise.training.distributed import STRATEGIES, device_for, process_group_from_env
 from layerwise.training.loop import LoopState, TrainConfig, stage_depths, train
 from layerwise.training.memory import MIN_STEPS_PER_EPOCH, BatchSearch, bytes_to_hold, largest_batch
 
@@ -65,6 +65,7 @@ class Settings:
     device: str = "auto"  # where and how to train: adjustable on --resume (a checkpoint moves between them)
     precision: str = "auto"
     compile: bool = False
+    strategy: str = "ddp"  # over several processes: DDP or FSDP (adjustable on --resume: checkpoints are whole)
 
     def __post_init__(self) -> None:
         if not 0 < self.val_fraction < 0.5:
@@ -74,10 +75,12 @@ class Settings:
             raise InputError(f"--epochs must be at least 1, not {self.epochs}")
         if self.time_budget is not None and self.time_budget <= 0:
             raise InputError(f"--time-budget must be positive, not {self.time_budget}")
+        if self.strategy not in STRATEGIES:
+            raise InputError(f"--strategy {self.strategy}: choose one of {', '.join(STRATEGIES)}")
 
 
 FIXED_ON_RESUME = ("task", "modality", "model", "seed", "val_fraction", "batch_size", "lr")
-ADJUSTABLE_ON_RESUME = ("epochs", "time_budget", "checkpoint_every", "device", "precision", "compile")
+ADJUSTABLE_ON_RESUME = ("epochs", "time_budget", "checkpoint_every", "device", "precision", "compile", "strategy")
 
 
 def fit(
@@ -101,6 +104,7 @@ def fit(
     device: str | None = None,
     precision: str | None = None,
     compile: bool | None = None,
+    strategy: str | None = None,
     curve: str | Path | None = None,
     show_progress: bool = True,
 ) -> Model:
@@ -118,6 +122,7 @@ def fit(
         "task": task, "modality": modality, "model": model, "seed": seed, "val_fraction": val_fraction,
         "batch_size": batch_size, "lr": lr, "epochs": epochs, "time_budget": time_budget,
         "checkpoint_every": checkpoint_every, "device": device, "precision": precision, "compile": compile,
+        "strategy": strategy,
     }  # fmt: skip
     given = {k: v for k, v in given.items() if v is not None}
     run_dir = Path(out) if out is not None else None
@@ -189,7 +194,7 @@ def fit(
         epochs=settings.epochs, batch_size=prepared.batch_size, lr=lr,
         time_budget_s=settings.time_budget,
         seed=settings.seed, checkpoint_every_s=settings.checkpoint_every,
-        device=settings.device, precision=settings.precision, compile=settings.compile,
+        device=settings.device, precision=settings.precision, compile=settings.compile, strategy=settings.strategy,
         **({"patience": prepared.patience} if prepared.patience else {}), **schedule,
     )  # fmt: skip
     run_config = {
@@ -245,7 +250,7 @@ def fit(
         "decode_seconds": round(prepared.extras.get("decode_seconds", 0.0), 1),
         "total_seconds": round(time.perf_counter() - started, 1), "n_skipped": len(prepared.problems),
         "device": str(next(network.parameters()).device), "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
-        "processes": group.world_size,
+        "processes": group.world_size, **({"strategy": config.strategy} if group.distributed else {}),
     }  # fmt: skip
     if learning_curve is not None:
         learning_curve = matched_curve(learning_curve, prepared.data_summary, log)
@@ -311,14 +316,15 @@ def resumed_settings(saved: dict, given: dict, log=say) -> Settings:
         lr=train_config["lr"], epochs=train_config["epochs"], time_budget=train_config["time_budget_s"],
         checkpoint_every=train_config["checkpoint_every_s"], device=train_config.get("device", "auto"),
         precision=train_config.get("precision", "auto"), compile=train_config.get("compile", False),
+        strategy=train_config.get("strategy", "ddp"),
     )  # fmt: skip
     changed = [k for k in FIXED_ON_RESUME if k in given and given[k] != getattr(settings, k)]
     if changed:
         flags = ", ".join(f"--{k.replace('_', '-')} {given[k]} (the run has {getattr(settings, k)})" for k in changed)
         raise RunMismatch(
             f"--resume: {flags}. A resumed run keeps its task, modality, model, seed, split, batch size and "
-            "learning rate; only --epochs, --time-budget, --checkpoint-every, --device, --precision and --compile "
-            "may change"
+            "learning rate; only --epochs, --time-budget, --checkpoint-every, --device, --precision, --compile "
+            "and --strategy may change"
         )
     adjusted = {k: given[k] for k in ADJUSTABLE_ON_RESUME if k in given and given[k] != getattr(settings, k)}
     kept = ", ".join(f"{k} {getattr(settings, k)}" for k in FIXED_ON_RESUME if getattr(settings, k) is not None)

@@ -118,6 +118,13 @@ DevicesOption = Annotated[
         "Many machines: start torchrun on each, see the README.",
     ),
 ]
+StrategyOption = Annotated[
+    str | None,
+    typer.Option(
+        help="With --devices: ddp replicates the network in every process; fsdp shards its weights, gradients and "
+        "optimizer state across them (for networks whose training does not fit one device). [default: ddp]"
+    ),
+]
 MaxRestartsOption = Annotated[
     int,
     typer.Option(
@@ -207,12 +214,18 @@ def train_command(
     precision: PrecisionOption = None,
     compile_model: CompileOption = None,
     devices: DevicesOption = 1,
+    strategy: StrategyOption = None,
     max_restarts: MaxRestartsOption = 0,
     progress: Annotated[bool, typer.Option(help="Show the live progress bar.")] = True,
 ) -> None:
     """Train a deep network on raw files and write the run directory."""
-    from layerwise.training.distributed import process_group_from_env
+    from layerwise.training.distributed import STRATEGIES, process_group_from_env
 
+    # Refused here, once, rather than by every process torchrun starts.
+    if strategy is not None and strategy not in STRATEGIES:
+        raise InputError(f"--strategy {strategy}: choose one of {', '.join(STRATEGIES)}")
+    if strategy == "fsdp" and compile_model:
+        raise InputError("--compile with --strategy fsdp is not supported; train without --compile or with ddp")
     group = process_group_from_env()
     resume = launch_or_resume(group, out, resume, device, precision, devices, max_restarts)
     from layerwise.api import fit
@@ -222,6 +235,7 @@ def train_command(
         val_fraction=val_fraction, batch_size=batch_size, lr=lr, init=init, resume=resume, show_progress=progress,
         freeze_fraction=freeze_fraction, layer_decay=layer_decay,
         checkpoint_every=checkpoint_every, device=device, precision=precision, compile=compile_model, curve=curve,
+        strategy=strategy,
     )  # fmt: skip
     if group.writes_run:
         print_summary(bundle, out)

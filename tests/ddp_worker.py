@@ -1,6 +1,6 @@
 """A small training run for the distributed tests, started by `python` (one process) or by torchrun.
 
-    python tests/ddp_worker.py OUT [--epochs E] [--die-at STEP]
+    python tests/ddp_worker.py OUT [--epochs E] [--die-at STEP] [--strategy ddp|fsdp] [--resume]
 
 Trains a fixed MLP (no dropout, no batch norm: the only difference between 1 and N processes is then
 how the gradient of each global batch is summed) on seeded data with the real training loop and
@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--die-at", type=int, default=None)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--strategy", default="ddp")
     args = parser.parse_args()
     torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(0)
@@ -58,7 +59,7 @@ def main() -> None:
     model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 3))
     config = TrainConfig(
         epochs=args.epochs, batch_size=16, lr=1e-2, device="cpu", precision="fp32", patience=100,
-        checkpoint_every_s=0.0 if args.die_at else 300.0,
+        checkpoint_every_s=0.0 if args.die_at else 300.0, strategy=args.strategy,
     )  # fmt: skip
     resume = args.resume or (restarted_by_torchrun() and (args.out / "checkpoints").is_dir())
     result = train(

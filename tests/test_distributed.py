@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from layerwise.data.batches import TensorBatches
-from layerwise.training.distributed import ProcessGroup, RankBatches, part_of
+from layerwise.training.distributed import ProcessGroup, RankBatches, part_of, shard_units
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -75,6 +76,19 @@ def test_each_rank_reads_its_own_part_of_the_same_global_batches():
     assert len(RankBatches(batches, ProcessGroup(1, 2))) == len(batches)
 
 
+def test_fsdp_gathers_each_stage_on_its_own_and_leaves_a_tied_embedding_to_the_whole():
+    from layerwise.models.convnet import convnet_s
+    from layerwise.models.gpt import gpt_tiny
+
+    for network, expected in [
+        (convnet_s(1, 10), ["stages.stem", "stages.stage1", "stages.stage2"]),
+        (gpt_tiny(vocab_size=100, context_len=32), [f"blocks.{i}" for i in range(4)]),  # not "embed": the LM head
+        (torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1)), ["0", "2"]),
+    ]:
+        names = {id(m): name for name, m in network.named_modules()}
+        assert [names[id(unit)] for unit in shard_units(network)] == expected
+
+
 # ---------------------------------------------------------------------- several processes
 
 
@@ -83,6 +97,24 @@ def test_two_processes_reach_the_weights_of_one_with_the_same_global_batch(tmp_p
     result = run([*TORCHRUN, "--standalone", "--nproc-per-node=2", str(WORKER), str(tmp_path / "run")])
     assert result.returncode == 0, result.stderr
     assert_same_weights(weights(tmp_path / "run"), one_process)
+
+
+@pytest.mark.slow
+def test_two_sharded_processes_take_the_steps_of_one_and_their_checkpoint_resumes_either_way(tmp_path, one_process):
+    # FSDP: each process holds half of every weight and AdamW moment; checkpoints hold them whole. Rank 1 dies at
+    # step 7. From the checkpoint of step 6, one unsharded process and two sharded ones each finish the run, and
+    # both must end where one process ends.
+    out, again = tmp_path / "run", tmp_path / "again"
+    sharded = [*TORCHRUN, "--standalone", "--nproc-per-node=2", str(WORKER)]
+    result = run([*sharded, str(out), "--strategy", "fsdp", "--die-at", "7"])
+    assert result.returncode != 0 and "exitcode  : 17" in result.stderr
+    shutil.copytree(out, again)
+    for command in ([sys.executable, str(WORKER), str(out)], [*sharded, str(again), "--strategy", "fsdp"]):
+        result = run([*command, "--resume"])
+        assert result.returncode == 0, result.stderr
+        assert "resuming from step_000000006" in result.stderr
+    assert_same_weights(weights(out), one_process)
+    assert_same_weights(weights(again), one_process)
 
 
 @pytest.mark.slow

@@ -474,6 +474,10 @@ def summarise(scores: dict) -> dict:
     chain_plddt = [float(p.mean()) / 100 for p in scores["residue_plddt"]]
     metrics["plddt_pearson_chains"] = _pearson(np.array(chain_plddt), np.array(scores["lddt_ca"]))
     metrics["plddt_mean"] = float(np.mean(chain_plddt) * 100)
+    # How much the true lDDT varies, across residues and across chains: a correlation needs something to rank. A
+    # network whose structures are equally rough everywhere leaves pLDDT only noise to track.
+    metrics["lddt_ca_sd_residues"] = float(residue_lddt[known].std()) if known.any() else 0.0
+    metrics["lddt_ca_sd_chains"] = float(np.std(scores["lddt_ca"]))
     metrics["n_chains"] = len(scores["lddt_ca"])
     return metrics
 

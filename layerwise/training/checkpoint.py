@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 KEEP_LAST = 2  # checkpoints kept besides the newest one being written
 STATE_FILE, TENSOR_FILE = "state.json", "tensors.safetensors"
@@ -55,12 +56,28 @@ def cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(tensor, device="cpu", memory_format=torch.contiguous_format).copy_(tensor.detach())
 
 
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a shard (FSDP's DTensor: gathered from every rank, so every rank must call this in the
+    same order); any other tensor as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def shaped_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`value` (a whole tensor) as `like` holds it: this rank's shard of it where `like` is sharded (every rank
+    holds the same whole value, so each cuts its own shard with no communication), else `value` itself."""
+    if not isinstance(like, DTensor) or isinstance(value, DTensor):
+        return value
+    local = value.to(device=like.to_local().device, dtype=like.dtype)
+    return distribute_tensor(local, like.device_mesh, like.placements, src_data_rank=None)
+
+
 def training_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """Copies of the model weights, optimizer moments and torch RNG state as flat named tensors."""
-    tensors = {f"model.{k}": cpu_copy(v) for k, v in model.state_dict().items()}
-    for index, state in optimizer.state_dict()["state"].items():
+    """Copies of the model weights, optimizer moments and torch RNG state as flat named tensors. Sharded ones
+    (FSDP) are saved whole, so a checkpoint resumes with any number of processes and either strategy."""
+    tensors = {f"model.{k}": cpu_copy(whole(v)) for k, v in model.state_dict().items()}
+    for index, state in sorted(optimizer.state_dict()["state"].items()):
         for key, value in state.items():
-            tensors[f"optim.{index}.{key}"] = cpu_copy(torch.as_tensor(value))
+            tensors[f"optim.{index}.{key}"] = cpu_copy(whole(torch.as_tensor(value)))
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -69,7 +86,9 @@ def training_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict
 
 def restore_training_tensors(checkpoint: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     tensors = checkpoint.tensors
-    model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
+    current = model.state_dict()
+    weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    model.load_state_dict({k: shaped_like(v, current[k]) if k in current else v for k, v in weights.items()})
     optim_state: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
         if name.startswith("optim."):
@@ -81,6 +100,15 @@ def restore_training_tensors(checkpoint: Checkpoint, model: nn.Module, optimizer
             f"{checkpoint.path}: {len(saved_groups)} optimizer parameter groups, the network has "
             f"{len(optimizer.param_groups)}"
         )
+    # Sharded parameters (FSDP) take their shard of each moment now, before the optimizer moves moments to the
+    # device: never every whole moment on one device at once.
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    for index, state in optim_state.items():
+        if index < len(params) and isinstance(params[index], DTensor):
+            param = params[index]
+            for key, value in state.items():
+                if value.shape == param.shape:
+                    state[key] = shaped_like(value, param)
     # The optimizer's implementation is this process's (fused on a GPU, not on a CPU), whichever one saved it.
     groups = [
         saved | {k: current[k] for k in ("fused", "foreach") if k in current}
@@ -89,12 +117,11 @@ def restore_training_tensors(checkpoint: Checkpoint, model: nn.Module, optimizer
     optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
     # Moments in their parameter's layout (channels-last convolutions): they are saved contiguous, and a fused
     # optimizer walks a parameter and its moments in memory order, so different layouts would pair wrong elements.
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            state = optimizer.state.get(param, {})
-            for key, value in state.items():
-                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
-                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+    for param in params:
+        state = optimizer.state.get(param, {})
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])

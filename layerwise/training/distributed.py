@@ -6,6 +6,9 @@ reads the data, builds the same network from the same seed and trains on its own
 batch; DistributedDataParallel averages the gradients, so N processes take the steps one process would
 take with the whole batch. Rank 0 alone validates, writes checkpoints and the run directory; its
 decisions (stop, time budget, a signal) reach the other ranks through one small all-reduce per step.
+
+`--strategy fsdp` shards instead of replicating (PyTorch's FSDP2, `fully_shard`): each process keeps 1/N of the
+weights, gradients and AdamW moments, and gathers a unit's weights only while it computes (see `fully_sharded`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torch import nn
 
 from layerwise.errors import InputError
 
+STRATEGIES = ("ddp", "fsdp")  # --strategy: replicate the model in every process, or shard it across them
 # How long ranks wait for each other in a collective (validation on rank 0 included) before failing.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
 # How long the processes of a `--devices N` run wait for each other to start.
@@ -154,6 +158,44 @@ def data_parallel(step: nn.Module, device: torch.device) -> nn.Module:
     a batch does not reach."""
     device_ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(step, device_ids=device_ids, find_unused_parameters=True)
+
+
+def shard_units(network: nn.Module) -> list[nn.Module]:
+    """The modules FSDP gathers one at a time, innermost first: the network's stages (`named_stages()`, the
+    blocks its forward runs in turn) or, for a network without them, its direct children that hold parameters.
+    A unit that shares a parameter with the rest of the network (a tied embedding) is left to the whole."""
+    candidates = [m for _, m in network.named_stages()] if hasattr(network, "named_stages") else [
+        m for m in network.children() if any(True for _ in m.parameters())
+    ]  # fmt: skip
+    names = {id(m): name for name, m in network.named_modules()}
+    every_parameter = list(network.named_parameters(remove_duplicate=False))
+    units = []
+    for unit in sorted(candidates, key=lambda m: -names.get(id(m), "").count(".")):
+        prefix = names.get(id(unit), "") + "."
+        inside = {id(p) for p in unit.parameters()}
+        tied = any(id(p) in inside and not name.startswith(prefix) for name, p in every_parameter)
+        if inside and not tied and unit is not network:
+            units.append(unit)
+    return units
+
+
+def fully_sharded(step: LossOf, device: torch.device) -> LossOf:
+    """Shard the training step's network across the process group (FSDP2). Each unit's weights are gathered for
+    its forward and backward and freed after; its gradients are reduce-scattered, averaged over ranks as DDP
+    averages them, so the steps equal one process's on the whole batch. The step itself is the outermost unit:
+    whatever the task's loss calls on the network (not only `forward`) sees whole weights."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for unit in shard_units(step.network):
+        fully_shard(unit, mesh=mesh)
+    fully_shard(step, mesh=mesh)
+    # A parameter a rank's batch does not reach (a head no example of its part needs) still takes part in the
+    # gradient reduction, with zeros, or the ranks' collectives would no longer pair up (DDP's
+    # find_unused_parameters). Frozen parameters (requires_grad off) stay out on every rank alike.
+    step.set_reduce_scatter_unused_params(True)
+    return step
 
 
 # ---------------------------------------------------------------------- agreeing between ranks

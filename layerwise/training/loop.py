@@ -7,6 +7,7 @@ the `TrainResult` (and, when `out_dir` is given, history.jsonl and checkpoints/)
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import math
@@ -39,14 +40,17 @@ from layerwise.training.checkpoint import (
     restore_training_tensors,
     save_checkpoint,
     training_tensors,
+    whole,
 )
 from layerwise.training.distributed import (
+    STRATEGIES,
     LossOf,
     RankBatches,
     agree,
     data_parallel,
     device_for,
     from_rank0,
+    fully_sharded,
     join,
     leave,
     process_group_from_env,
@@ -81,6 +85,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training step (the saved weights never carry its names)
     checkpoint_every_s: float = 300.0  # also checkpoint mid-epoch at most this often
     device: str = "auto"
+    strategy: str = "ddp"  # over several processes: replicate the network (DDP) or shard it (FSDP)
     # Transfer learning (--init): the backbone's stages (`named_stages()`) stay fixed for this fraction of the
     # run while the new head learns, then re-warm up; each stage further from the head learns at
     # `layer_decay` times the rate of the stage after it (earlier layers hold the more general features).
@@ -105,6 +110,8 @@ class TrainConfig:
             raise InputError(f"--layer-decay must be in (0, 1], not {self.layer_decay}")
         if self.precision not in PRECISIONS:
             raise InputError(f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}")
+        if self.strategy not in STRATEGIES:
+            raise InputError(f"--strategy {self.strategy}: choose one of {', '.join(STRATEGIES)}")
 
 
 STOP_EPOCHS, STOP_TIME_BUDGET, STOP_EARLY = "epochs", "time_budget", "early_stopping"
@@ -335,12 +342,26 @@ def train_in_group(
     writes = group.writes_run
     precision = resolve_precision(config.precision, device)
     torch.manual_seed(config.seed)
-    model = prepare_model(model, device)
+    sharded = group.distributed and config.strategy == "fsdp"
+    # Under FSDP the optimizer steps a sharded copy (`trained`); `model` stays whole: rank 0 validates it, and it
+    # holds the best weights and the result. It takes the trained weights before each validation (`gather`).
+    # Otherwise both names are the same network.
+    trained = model
+    if sharded:
+        if config.compile:
+            raise InputError("--compile with --strategy fsdp is not supported; train without --compile or with ddp")
+        # Copied where it was built (the CPU): fully_shard moves only this rank's shard to the device. FSDP shards
+        # contiguous parameters only, so the copy leaves channels-last behind (the inputs keep it).
+        whole_copy = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+        sharded_step = fully_sharded(LossOf(whole_copy, objective), device)
+        trained = sharded_step.network
+    if writes or not sharded:  # under FSDP only rank 0 validates: the others keep `model` off the device
+        model = prepare_model(model, device)
     channels_last = channels_last_for(model, device)
     # On a single GPU (not fp16, whose scaler reads its overflow check on the host), the host does not wait for
     # each step: outcomes are settled every SETTLE_EVERY steps. Elsewhere every step is settled as it ends.
     deferred = device.type == "cuda" and precision != "fp16" and not group.distributed
-    optimizer = make_optimizer(model, config, fused=deferred)
+    optimizer = make_optimizer(trained, config, fused=deferred)
     # fp16 overflows where bf16 does not: its loss is scaled up, and steps with inf gradients are skipped
     # by the scaler (which lowers the scale) rather than counted as divergence.
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -353,7 +374,7 @@ def train_in_group(
     best_weights = _cpu_copy(model.state_dict())
     if resume:
         checkpoint = resume if isinstance(resume, Checkpoint) else load_latest_checkpoint(checkpoint_dir, warn=log)
-        restore_training_tensors(checkpoint, model, optimizer)
+        restore_training_tensors(checkpoint, trained, optimizer)
         if "grad_scaler" in checkpoint.state and scaler.is_enabled():
             scaler.load_state_dict(checkpoint.state["grad_scaler"])
         state = LoopState.from_json(checkpoint.state["loop"])
@@ -379,10 +400,14 @@ def train_in_group(
     # The step runs through one module: the task's loss on the network (compiled on request), data-parallel
     # under torchrun. Checkpoints and run files hold `model`'s own weights: no `_orig_mod.`/`module.` names,
     # so they load and resume whether or not the next run compiles or spreads over processes.
-    step = LossOf(torch.compile(model) if config.compile else model, objective)
+    if sharded:
+        step = sharded_step
+    else:
+        step = LossOf(torch.compile(model) if config.compile else model, objective)
+        if group.distributed:
+            step = data_parallel(step, device)
     train_batches = hold_on_device(train_batches, device, log)
     if group.distributed:
-        step = data_parallel(step, device)
         train_batches = RankBatches(train_batches, group)
 
     started, seconds_before = time.perf_counter(), state.seconds
@@ -392,7 +417,7 @@ def train_in_group(
 
     def snapshot() -> tuple[dict[str, torch.Tensor], dict]:
         """The full training state: tensors (weights, moments, RNG, best weights) and JSON."""
-        tensors = training_tensors(model, optimizer) | {f"best.{k}": v for k, v in best_weights.items()}
+        tensors = training_tensors(trained, optimizer) | {f"best.{k}": v for k, v in best_weights.items()}
         state.seconds = elapsed()
         groups = [{k: v for k, v in g.items()} for g in optimizer.state_dict()["param_groups"]]
         json_state = {"loop": asdict(state), "param_groups": groups, "config": asdict(config)}
@@ -438,7 +463,7 @@ def train_in_group(
                             f"loss or gradients non-finite for {bad_steps} steps in a row up to step "
                             f"{step_number}, even after {state.rollbacks} roll-back(s) with a lower learning rate"
                         )
-                    state = _roll_back(last_good, model, optimizer, state, log)
+                    state = _roll_back(last_good, trained, optimizer, state, log)
                     best_weights = _prefixed(last_good[0], "best.")
                     bad_steps = 0
                     return True
@@ -469,7 +494,7 @@ def train_in_group(
                 stop(STOP_TIME_BUDGET, f"time budget of {config.time_budget_s:g} s reached")
                 checkpoint_now()  # spent during the last validation: no new epoch of one step
                 break
-            model.train()
+            trained.train()
             epoch_started, rolled_back = time.perf_counter(), False
             for x, y in train_batches.epoch(state.epoch, start=state.step_in_epoch):
                 progress_fraction = state.global_step / total_steps
@@ -502,7 +527,7 @@ def train_in_group(
                         f"once; retrying as {micro_batches} micro-batches whose gradients add up to one step"
                     )
                 scaler.unscale_(optimizer)
-                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                grad_norm = whole(nn.utils.clip_grad_norm_(trained.parameters(), config.grad_clip))
                 checkpoint_due = time.perf_counter() - last_checkpoint >= config.checkpoint_every_s
                 # Every rank takes the same decisions: on the mean loss, rank 0's clock (the schedule and
                 # the time budget) and any rank's stop request.
@@ -535,6 +560,8 @@ def train_in_group(
                 continue
 
             # Rank 0 validates the plain network (no collective inside); the others take its numbers.
+            if sharded:
+                gather(trained, model)
             val_metrics = from_rank0(group, objective.evaluate(model, val_batches) if writes else None)
             if not math.isfinite(score(objective, val_metrics)):
                 raise TrainingDiverged(f"validation {objective.monitor} is not finite after epoch {state.epoch + 1}")
@@ -610,6 +637,15 @@ def _apply_gradients(
         scaler.step(optimizer)  # an overflow is skipped inside: the scaler saw the inf gradients in unscale_
     scaler.update()  # after every unscale_: adjusts the scale, and the next step may unscale again
     return outcome
+
+
+@torch.no_grad()
+def gather(sharded: nn.Module, model: nn.Module) -> None:
+    """Copy a sharded network's weights, whole, into its unsharded twin `model`, one tensor at a time (every rank
+    takes part in each gather)."""
+    into = model.state_dict()
+    for name, value in sharded.state_dict().items():
+        into[name].copy_(whole(value))
 
 
 def _cpu_copy(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
