@@ -41,8 +41,9 @@ def table(title: str, metrics: dict, baseline: dict) -> None:
     best = max(baseline["template"]["lddt_ca"], baseline["helix"]["lddt_ca"])
     print(f"  network - best baseline: {metrics['lddt_ca'] - best:+.3f} lDDT-Cα; pLDDT vs true lDDT Pearson "
           f"{metrics['plddt_pearson']:.2f} per residue, {metrics['plddt_pearson_chains']:.2f} per chain")  # fmt: skip
-    print(f"  spread of the network's true lDDT-Cα: sd {metrics['lddt_ca_sd_residues']:.3f} across residues, "
-          f"{metrics['lddt_ca_sd_chains']:.3f} across chains")  # fmt: skip
+    if "lddt_ca_sd_residues" in metrics:  # not in a cached run from before these keys
+        print(f"  spread of the network's true lDDT-Cα: sd {metrics['lddt_ca_sd_residues']:.3f} across residues, "
+              f"{metrics['lddt_ca_sd_chains']:.3f} across chains")  # fmt: skip
 
 
 def main() -> None:
