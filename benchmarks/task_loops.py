@@ -8,7 +8,7 @@ hand-written loop over the same batches with the same task loss and optimizer; t
 the loop itself (learning-rate schedule, clipping, NaN guard, the rank agreement, progress, checkpoint
 bookkeeping). Target: >= 0.97 for every task.
 
-    .venv/bin/python benchmarks/task_loops.py [--rounds 3] [--steps 12]
+    .venv/bin/python benchmarks/task_loops.py [--rounds 3] [--steps 12] [--tasks classify ... fold]
 """
 
 from __future__ import annotations
@@ -30,42 +30,56 @@ from layerwise.tasks import task_class  # noqa: E402
 from layerwise.tasks.base import FitOptions  # noqa: E402
 from layerwise.training.loop import TrainConfig  # noqa: E402
 
+TASKS = ["classify", "generate", "detect", "transcribe", "fold"]
 
-def task_data(root: Path) -> dict[str, tuple[Path, dict]]:
-    """task -> (DATA, FitOptions overrides): small real data of each kind."""
-    from layerwise.data.promod3 import read_structure_db
+
+def task_data(root: Path, tasks: list[str]) -> dict[str, tuple[Path, dict]]:
+    """task -> (DATA, FitOptions overrides): small real data of each kind, made for `tasks` only."""
     from layerwise.data.scenes import compose_scenes
     from layerwise.data.speech_demo import prepare_speech_demo
+
+    def text() -> Path:
+        path = root / "text.txt"
+        path.write_text(Path("/usr/share/games/fortunes/computers").read_text(errors="replace")[:60_000])
+        return path
+
+    makers = {
+        "classify": (lambda: prepare_fashion_mnist(root / "fashion", "train", per_class=100), {}),
+        "generate": (text, {}),
+        "detect": (lambda: compose_scenes(root / "scenes", 96, seed=0, split="train"), {}),
+        "transcribe": (
+            lambda: prepare_speech_demo(root / "speech", clips_per_language=12).train_manifest,
+            {"batch_size": 16},
+        ),
+        "fold": (lambda: structures(root / "structures"), {"model": "fold_xs"}),
+    }
+    return {name: (makers[name][0](), makers[name][1]) for name in TASKS if name in tasks}
+
+
+def structures(folder: Path) -> Path:
+    """40 ProMod3 chains of 40-120 residues as Cα PDB files."""
+    from layerwise.data.promod3 import read_structure_db
     from layerwise.data.structures import write_ca_pdb
 
-    text = root / "text.txt"
-    text.write_text(Path("/usr/share/games/fortunes/computers").read_text(errors="replace")[:60_000])
-    structures = root / "structures"
-    structures.mkdir()
-    for written, (name, sequence, ca) in enumerate(
-        chain for chain in read_structure_db(limit=400) if 40 <= len(chain[1]) <= 120
-    ):
+    folder.mkdir()
+    chains = (chain for chain in read_structure_db(limit=400) if 40 <= len(chain[1]) <= 120)
+    for written, (name, sequence, ca) in enumerate(chains):
         if written == 40:
             break
-        write_ca_pdb(structures / f"{name}.pdb", sequence, ca, np.zeros(len(sequence)))
-    return {
-        "classify": (prepare_fashion_mnist(root / "fashion", "train", per_class=100), {}),
-        "generate": (text, {}),
-        "detect": (compose_scenes(root / "scenes", 96, seed=0, split="train"), {}),
-        "transcribe": (prepare_speech_demo(root / "speech", clips_per_language=12).train_manifest, {"batch_size": 16}),
-        "fold": (structures, {"model": "fold_xs"}),
-    }
+        write_ca_pdb(folder / f"{name}.pdb", sequence, ca, np.zeros(len(sequence)))
+    return folder
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=12, help="training batches per timed run")
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=TASKS, help="which tasks (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     ratios = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (data, overrides) in task_data(Path(tmp)).items():
+        for name, (data, overrides) in task_data(Path(tmp), args.tasks).items():
             prepared = task_class(name).prepare(
                 data, FitOptions(**overrides), saved=None, donor=None, log=lambda _: None
             )
