@@ -285,7 +285,9 @@ def without_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
 def pack_command(
     data: Annotated[Path, typer.Argument(help="Training data, as `layerwise train` takes it.")],
     out: Annotated[Path, typer.Option("--out", help="A new folder for the shards and index.json.")],
-    task: Annotated[str | None, typer.Option(help="What the data is for (default: detected; classify so far).")] = None,
+    task: Annotated[
+        str | None, typer.Option(help="What the data is for (default: detected; classify or generate so far).")
+    ] = None,
     modality: Annotated[str | None, typer.Option(help="image, audio or text (default: detected).")] = None,
     val_fraction: Annotated[
         float, typer.Option("--val-fraction", help="Fraction held out for validation, fixed in the shards.")
@@ -302,7 +304,7 @@ def pack_command(
         data, out, task=task, modality=modality, val_fraction=val_fraction, seed=seed, shard_size=shard_size,
         log=(lambda _: None) if as_json else say,
     )  # fmt: skip
-    summary = {k: index[k] for k in ("task", "modality", "n_train", "n_val", "class_labels", "seconds")}
+    summary = {k: index.get(k) for k in ("task", "modality", "n_train", "n_val", "class_labels", "seconds")}
     summary |= {"shards": len(index["shards"]), "skipped": len(index["skipped"]), "out": str(out)}
     if as_json:
         print(json.dumps(summary))
@@ -311,7 +313,8 @@ def pack_command(
 
     report_problems([Problem(p["path"], p["reason"]) for p in index["skipped"]])
     err_console.print(
-        f"packed {summary['n_train']} training and {summary['n_val']} validation examples into "
+        f"packed {summary['n_train']:,} training and {summary['n_val']:,} validation "
+        f"{'tokens' if summary['task'] == 'generate' else 'examples'} into "
         f"{summary['shards']} shards in {out} ({summary['seconds']:.0f} s); train with: layerwise train {out} --out RUN"
     )
 

@@ -19,7 +19,7 @@ from layerwise.tasks import detect_task
 from layerwise.tasks.base import fingerprint
 from layerwise.tasks.classify import example_key, stratified_split
 
-PACKABLE_TASKS = ("classify",)
+PACKABLE_TASKS = ("classify", "generate")
 
 
 def pack(
@@ -45,6 +45,8 @@ def pack(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"--out {out}: already exists and is not an empty folder; choose another")
     started = time.perf_counter()
+    if task == "generate":
+        return _pack_text(data, out, modality, val_fraction, seed, log)
     source = discover(data, modality)
     train_examples, val_examples = stratified_split(source.examples, val_fraction, seed)
     frontend = fit_frontend(source.modality, train_examples)
@@ -79,6 +81,27 @@ def pack(
             "skipped": [p.to_json() for p in problems],
             "seconds": round(time.perf_counter() - started, 1),
         }  # fmt: skip
+        write_json(staging / INDEX_FILE, index)
+        publish(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return index
+
+
+def _pack_text(data: Path, out: Path, modality: str | None, val_fraction: float, seed: int, log) -> dict:
+    """A corpus for text generation: its token streams, tokenizer and texts (see tasks/generate.py, pack_corpus)."""
+    from layerwise.tasks.generate import pack_corpus
+
+    started = time.perf_counter()
+    if modality not in (None, "text"):
+        raise InputError(f"--modality {modality}: generation learns from text")
+    staging = out.parent / f".tmp_{out.name}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        index = {"format": SHARD_FORMAT} | pack_corpus(data, staging, val_fraction, seed, log)
+        index["seconds"] = round(time.perf_counter() - started, 1)
         write_json(staging / INDEX_FILE, index)
         publish(staging, out)
     except BaseException:

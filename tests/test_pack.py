@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from layerwise.data import shards as shards_module
 from layerwise.data.shards import ShardBatches, read_index
@@ -124,3 +125,31 @@ def test_bad_files_are_named_in_the_index_and_the_rest_is_packed(fashion_train, 
 def test_curve_asks_for_the_raw_data_not_the_shards(packed, cli, tmp_path):
     code, _, err = cli("curve", packed, "--out", tmp_path / "curve")
     assert code == 2 and "packed shards" in err
+
+
+def test_a_packed_corpus_trains_to_the_weights_of_its_raw_text(cli, tmp_path):
+    # Text generation: pack tokenises once; training from the pack must be training on the text itself.
+    corpus = tmp_path / "text.txt"
+    corpus.write_text(Path("/usr/share/games/fortunes/computers").read_text(errors="replace")[:12_000])
+    code, _, err = cli("pack", corpus, "--out", tmp_path / "packed")  # the task is detected from the text
+    assert code == 0, err
+    index = json.loads((tmp_path / "packed" / "index.json").read_text())
+    assert index["task"] == "generate" and index["n_train"] > 5 * index["n_val"] > 0
+    args = ["--epochs", "1", "--batch-size", "8", "--checkpoint-every", "0", "--no-progress"]
+    for data, run in ((corpus, "raw"), (tmp_path / "packed", "from_pack")):
+        code, _, err = cli("train", data, "--out", tmp_path / run, *args)
+        assert code == 0, err
+    raw, from_pack = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("raw", "from_pack"))
+    assert raw.keys() == from_pack.keys() and all(torch.equal(raw[k], from_pack[k]) for k in raw)
+    configs = [json.loads((tmp_path / run / "config.json").read_text()) for run in ("raw", "from_pack")]
+    for key in ("n_train", "n_val", "fingerprint", "n_train_bytes"):
+        assert configs[0]["data"][key] == configs[1]["data"][key], key
+    assert configs[1]["data"]["packed_from"] == str(corpus)
+    metrics = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("raw", "from_pack")]
+    assert metrics[0]["metrics"]["bits_per_byte"] == metrics[1]["metrics"]["bits_per_byte"]
+    assert metrics[0]["baseline"]["bits_per_byte"] == pytest.approx(metrics[1]["baseline"]["bits_per_byte"])
+    # A token file cut short is named, not read past its end.
+    tokens = tmp_path / "packed" / "train.tokens"
+    tokens.write_bytes(tokens.read_bytes()[:-2])
+    code, _, err = cli("train", tmp_path / "packed", "--out", tmp_path / "cut", *args)
+    assert code == 2 and "train.tokens" in err and "pack it again" in err

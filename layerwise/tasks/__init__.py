@@ -34,6 +34,10 @@ def task_class(name: str) -> type:
 
 def detect_task(data: Path) -> str:
     """The task the data's layout implies; classification unless it is unambiguously something else."""
+    from layerwise.data.shards import is_shard_folder, read_index
+
+    if is_shard_folder(data):  # `layerwise pack` wrote it, for the task it names
+        return read_index(data).get("task", "classify")
     for name, task in TASKS.items():
         detect = getattr(task, "claims", None)
         if detect is not None and detect(data):

@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ from layerwise.data.corpus import (
     vocabulary_size,
     write_tokens,
 )
+from layerwise.data.shards import is_shard_folder, read_index
 from layerwise.data.sources import Problem
 from layerwise.data.windows import RandomWindows, SequentialWindows
 from layerwise.errors import InputError
@@ -158,29 +160,16 @@ class GenerateTask:
 
     @classmethod
     def prepare(cls, data: Path, options: FitOptions, saved: dict | None = None, donor=None, log=print) -> Prepared:
-        """Read the documents, hold out validation text, train (or restore) the tokenizer, write token files."""
+        """Read the documents, hold out validation text, train (or restore) the tokenizer, write token files;
+        or, for a folder `layerwise pack --task generate` wrote, map its token files."""
         if options.modality not in (None, "text"):
             raise InputError(f"--modality {options.modality}: generation learns from text")
-        documents, problems = find_documents(data)
-        found = survey(documents, options.val_fraction)
-        problems += found.problems
-        if not found.documents:
-            reasons = "; ".join(f"{p.origin}: {p.reason}" for p in problems[:3])
-            raise InputError(f"{data}: no usable text ({reasons})")
-        split = split_documents(found, options.val_fraction, options.seed)
-        n_bytes = split.n_train_bytes
-        if saved:
-            tokenizer = Tokenizer.from_str(json.dumps(saved["preprocessing"]["tokenizer"]))
-        elif donor is not None and isinstance(donor.task, GenerateTask):
-            tokenizer = donor.task.tokenizer  # the donor's embedding rows mean its tokens
-            log("tokenizer taken from the --init run")
+        if is_shard_folder(data):
+            corpus = packed_corpus(data, options, saved, donor, log)
         else:
-            tokenizer = train_bpe(read_pieces(split.train, MAX_TOKENIZER_CHARS), vocabulary_size(n_bytes))
-        n_documents = len(found.documents)
-        log(f"{data}: {n_documents} document(s), {n_bytes:,} training bytes, vocabulary {tokenizer.get_vocab_size()}")
-        train_tokens = _mapped_tokens(tokenizer, read_pieces(split.train), "train")
-        val_tokens = _mapped_tokens(tokenizer, read_pieces(split.val), "val")
-        model_name = options.model or default_model(n_bytes, options.time_budget)
+            corpus = raw_corpus(data, options, saved, donor, log)
+        train_tokens, val_tokens, tokenizer = corpus.train_tokens, corpus.val_tokens, corpus.tokenizer
+        model_name = options.model or default_model(corpus.summary["n_train_bytes"], options.time_budget)
         entry = model_entry(model_name)
         if "generate" not in entry.tasks:
             raise InputError(f"--model {model_name} is a {'/'.join(entry.tasks)} model; generation needs a gpt_* model")
@@ -193,15 +182,10 @@ class GenerateTask:
         if len(val_tokens) < 2:
             raise InputError(f"{data}: too little text to hold any out for validation")
         batch = options.batch_size or max(4, BATCH_TOKENS // context)
-        data_summary = {
-            "source": str(data), "n_train": len(train_tokens), "n_val": len(val_tokens), "units": "tokens",
-            "n_documents": n_documents, "n_train_bytes": n_bytes, "n_skipped": len(problems),
-            "n_replaced_bytes": found.replaced, "val_fraction": options.val_fraction, "split_rule": split.rule,
-            "fingerprint": found.fingerprint,
-        }  # fmt: skip
+        data_summary = {"source": str(data), "n_train": len(train_tokens), "n_val": len(val_tokens)} | corpus.summary
         if saved and saved["data"].get("fingerprint") != data_summary["fingerprint"]:
             raise RunMismatch(f"--resume: {data} no longer matches the run (its text differs); use the same data")
-        prompts = [_prompt_from(text) for text in read_pieces(split.val[:SAMPLE_PROMPTS]) if text.strip()]
+        prompts = [_prompt_from(text) for text in islice(corpus.val_text(), SAMPLE_PROMPTS) if text.strip()]
         return Prepared(
             task=cls(tokenizer, prompts),
             train_batches=RandomWindows(train_tokens, context, batch, seed=options.seed),
@@ -209,12 +193,12 @@ class GenerateTask:
             model_name=model_name,
             model_config={"vocab_size": tokenizer.get_vocab_size(), "context_len": context},
             data_summary=data_summary,
-            problems=problems,
+            problems=corpus.problems,
             batch_size=batch,
             extras={
-                "split": f"validation: {split.rule}",
-                "train_pieces": split.train,
-                "val_pieces": split.val,
+                "split": f"validation: {corpus.summary['split_rule']}",
+                "train_text": corpus.train_text,
+                "val_text": corpus.val_text,
                 "all_val_batches": SequentialWindows(val_tokens, context, EVAL_BATCH),
             },  # fmt: skip
         )
@@ -234,11 +218,11 @@ class GenerateTask:
 
         started = time.perf_counter()
         # At most MAX_BASELINE_BYTES of training text is held, one document at a time until then.
-        train_bytes = "\n".join(read_pieces(prepared.extras["train_pieces"], MAX_BASELINE_BYTES)).encode()
+        train_bytes = "\n".join(prepared.extras["train_text"](MAX_BASELINE_BYTES)).encode()
         train_bytes = train_bytes[:MAX_BASELINE_BYTES]
         model = KneserNey.fit(train_bytes, order=NGRAM_ORDER)
         bits, n_bytes = 0.0, 0
-        for text in read_pieces(prepared.extras["val_pieces"]):
+        for text in prepared.extras["val_text"]():
             data = text.encode()
             if data:
                 bits += float(-model.log2_probs(data).sum())
@@ -401,6 +385,125 @@ def default_model(n_train_bytes: int, time_budget: float | None) -> str:
     if n_train_bytes > 20_000_000 or (n_train_bytes > 5_000_000 and long_run):
         return "gpt_small"
     return "gpt_tiny"
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Training and validation text as the task trains on it: token streams (memory-mapped files, so a corpus
+    larger than memory is read as it is used), the tokenizer, and the texts the baseline and prompts read."""
+
+    tokenizer: Tokenizer
+    train_tokens: np.ndarray
+    val_tokens: np.ndarray
+    summary: dict  # data_summary entries beyond the token counts
+    problems: list[Problem]
+    train_text: Callable[[int | None], Iterable[str]]  # at most that many characters of training text
+    val_text: Callable[[], Iterable[str]]  # the validation texts, one at a time
+
+
+def raw_corpus(data: Path, options: FitOptions, saved: dict | None, donor, log=print) -> Corpus:
+    """Documents under `data`: split, tokenizer trained (or restored, or the --init run's), tokenised to scratch."""
+    documents, problems = find_documents(data)
+    found = survey(documents, options.val_fraction)
+    problems += found.problems
+    if not found.documents:
+        reasons = "; ".join(f"{p.origin}: {p.reason}" for p in problems[:3])
+        raise InputError(f"{data}: no usable text ({reasons})")
+    split = split_documents(found, options.val_fraction, options.seed)
+    n_bytes = split.n_train_bytes
+    if saved:
+        tokenizer = Tokenizer.from_str(json.dumps(saved["preprocessing"]["tokenizer"]))
+    elif donor is not None and isinstance(donor.task, GenerateTask):
+        tokenizer = donor.task.tokenizer  # the donor's embedding rows mean its tokens
+        log("tokenizer taken from the --init run")
+    else:
+        tokenizer = train_bpe(read_pieces(split.train, MAX_TOKENIZER_CHARS), vocabulary_size(n_bytes))
+    n_documents = len(found.documents)
+    log(f"{data}: {n_documents} document(s), {n_bytes:,} training bytes, vocabulary {tokenizer.get_vocab_size()}")
+    summary = {
+        "units": "tokens", "n_documents": n_documents, "n_train_bytes": n_bytes, "n_skipped": len(problems),
+        "n_replaced_bytes": found.replaced, "val_fraction": options.val_fraction, "split_rule": split.rule,
+        "fingerprint": found.fingerprint,
+    }  # fmt: skip
+    return Corpus(
+        tokenizer, _mapped_tokens(tokenizer, read_pieces(split.train), "train"),
+        _mapped_tokens(tokenizer, read_pieces(split.val), "val"), summary, problems,
+        lambda max_chars=None: read_pieces(split.train, max_chars), lambda: read_pieces(split.val),
+    )  # fmt: skip
+
+
+# The files of a packed corpus (besides index.json): token streams, the baseline's training text, validation text.
+PACKED_TOKENS = {"train": "train.tokens", "val": "val.tokens"}
+PACKED_BASELINE_TEXT, PACKED_VAL_TEXT = "baseline-train.txt", "val-text.jsonl"
+
+
+def pack_corpus(data: Path, staging: Path, val_fraction: float, seed: int, log=print) -> dict:
+    """`layerwise pack DATA --task generate`: the split and tokenizer `train` would make, the token streams written
+    once (a corpus is tokenised once, not at every run), the n-gram baseline's training text (its first
+    MAX_BASELINE_BYTES) and the validation texts (JSON lines). Returns index.json's task entries."""
+    options = FitOptions(val_fraction=val_fraction, seed=seed)
+    corpus = raw_corpus(data, options, None, None, log)
+    paths = {split: staging / name for split, name in PACKED_TOKENS.items()}
+    for split, tokens in (("train", corpus.train_tokens), ("val", corpus.val_tokens)):
+        with open(paths[split], "wb") as f:
+            for start in range(0, len(tokens), 1 << 24):  # in slices: the stream may be larger than memory
+                f.write(np.asarray(tokens[start : start + (1 << 24)]).tobytes())
+    text = "\n".join(corpus.train_text(MAX_BASELINE_BYTES)).encode()[:MAX_BASELINE_BYTES]
+    (staging / PACKED_BASELINE_TEXT).write_bytes(text)
+    with open(staging / PACKED_VAL_TEXT, "w") as f:
+        f.writelines(json.dumps(text) + "\n" for text in corpus.val_text())
+    task = GenerateTask(corpus.tokenizer)
+    return {
+        "task": "generate", **task.to_json(), "source": str(data), "token_dtype": str(corpus.train_tokens.dtype),
+        "n_train": len(corpus.train_tokens), "n_val": len(corpus.val_tokens), "val_fraction": val_fraction,
+        "seed": seed, "summary": corpus.summary,
+        "shards": [
+            {"file": PACKED_TOKENS[split], "split": split, "count": len(tokens)}
+            for split, tokens in (("train", corpus.train_tokens), ("val", corpus.val_tokens))
+        ],
+        "skipped": [p.to_json() for p in corpus.problems],
+    }  # fmt: skip
+
+
+def packed_corpus(data: Path, options: FitOptions, saved: dict | None, donor, log=print) -> Corpus:
+    """A folder `pack_corpus` wrote: its token files mapped, its tokenizer (a resumed run's must be the same)."""
+    index = read_index(data)
+    if index.get("task") != "generate":
+        raise InputError(f"{data}: packed for --task {index.get('task')}, not for generate")
+    if donor is not None:
+        raise InputError(
+            f"--init with packed text: {data} was tokenised with its own tokenizer, which the --init run's "
+            "embeddings do not read; train from the raw text with --init instead"
+        )
+    tokenizer_json = index["preprocessing"]["tokenizer"]
+    if saved and saved["preprocessing"]["tokenizer"] != tokenizer_json:
+        raise RunMismatch(f"--resume: {data} was tokenised differently from the run; use the same data")
+    tokenizer = Tokenizer.from_str(json.dumps(tokenizer_json))
+    dtype = np.dtype(index["token_dtype"])
+    tokens = {}
+    for shard in index["shards"]:
+        path = Path(data) / shard["file"]
+        expected = shard["count"] * dtype.itemsize
+        if path.stat().st_size != expected:
+            raise InputError(f"{path}: {path.stat().st_size} bytes, index.json expects {expected}; pack it again")
+        tokens[shard["split"]] = np.memmap(path, dtype=dtype, mode="r", shape=(shard["count"],))
+    if options.val_fraction != index["val_fraction"]:
+        log(f"note: the validation split was fixed when {data} was packed ({index['val_fraction']:.0%}); "
+            f"--val-fraction {options.val_fraction} does not change it")  # fmt: skip
+    summary = index["summary"] | {"packed_from": index["source"]}
+    log(f"{data}: {index['n_train']:,} + {index['n_val']:,} packed tokens, vocabulary {tokenizer.get_vocab_size()}")
+
+    def train_text(max_chars: int | None = None) -> Iterable[str]:
+        text = (Path(data) / PACKED_BASELINE_TEXT).read_bytes().decode("utf-8", errors="replace")
+        yield text if max_chars is None else text[:max_chars]
+
+    def val_text() -> Iterable[str]:
+        with open(Path(data) / PACKED_VAL_TEXT) as f:
+            for line in f:
+                yield json.loads(line)
+
+    problems = [Problem(p["path"], p["reason"]) for p in index["skipped"]]
+    return Corpus(tokenizer, tokens["train"], tokens["val"], summary, problems, train_text, val_text)
 
 
 def _mapped_tokens(tokenizer: Tokenizer, texts: Iterable[str], name: str) -> np.ndarray:
