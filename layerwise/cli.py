@@ -286,7 +286,7 @@ def pack_command(
     data: Annotated[Path, typer.Argument(help="Training data, as `layerwise train` takes it.")],
     out: Annotated[Path, typer.Option("--out", help="A new folder for the shards and index.json.")],
     task: Annotated[
-        str | None, typer.Option(help="What the data is for (default: detected; classify or generate so far).")
+        str | None, typer.Option(help="What the data is for (default: detected; classify, generate or fold so far).")
     ] = None,
     modality: Annotated[str | None, typer.Option(help="image, audio or text (default: detected).")] = None,
     val_fraction: Annotated[
@@ -312,9 +312,9 @@ def pack_command(
     from layerwise.data.sources import Problem
 
     report_problems([Problem(p["path"], p["reason"]) for p in index["skipped"]])
+    units = {"generate": "tokens", "fold": "chains"}.get(summary["task"], "examples")
     err_console.print(
-        f"packed {summary['n_train']:,} training and {summary['n_val']:,} validation "
-        f"{'tokens' if summary['task'] == 'generate' else 'examples'} into "
+        f"packed {summary['n_train']:,} training and {summary['n_val']:,} validation {units} into "
         f"{summary['shards']} shards in {out} ({summary['seconds']:.0f} s); train with: layerwise train {out} --out RUN"
     )
 

@@ -11,7 +11,15 @@ import time
 from pathlib import Path
 
 from layerwise.data.frontend import fit_frontend
-from layerwise.data.shards import DEFAULT_SHARD_SIZE, INDEX_FILE, SHARD_FORMAT, load_shard, publish, write_shards
+from layerwise.data.shards import (
+    DEFAULT_SHARD_SIZE,
+    INDEX_FILE,
+    SHARD_FORMAT,
+    load_shard,
+    publish,
+    refuse_pack,
+    write_shards,
+)
 from layerwise.data.sources import check_trainable, discover
 from layerwise.errors import InputError
 from layerwise.files import write_json
@@ -19,7 +27,7 @@ from layerwise.tasks import detect_task
 from layerwise.tasks.base import fingerprint
 from layerwise.tasks.classify import example_key, stratified_split
 
-PACKABLE_TASKS = ("classify", "generate")
+PACKABLE_TASKS = ("classify", "generate", "fold")
 
 
 def pack(
@@ -35,6 +43,7 @@ def pack(
 ) -> dict:
     """Write DATA's decoded examples as shards into `out`; returns the index (also `out/index.json`)."""
     data, out = Path(data), Path(out)
+    refuse_pack(data)
     task = task or detect_task(data)
     if task not in PACKABLE_TASKS:
         raise InputError(f"--task {task}: packing into shards is available for {', '.join(PACKABLE_TASKS)} data so far")
@@ -45,8 +54,8 @@ def pack(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"--out {out}: already exists and is not an empty folder; choose another")
     started = time.perf_counter()
-    if task == "generate":
-        return _pack_text(data, out, modality, val_fraction, seed, log)
+    if task in ("generate", "fold"):
+        return _pack_task(task, data, out, modality, val_fraction, seed, log)
     source = discover(data, modality)
     train_examples, val_examples = stratified_split(source.examples, val_fraction, seed)
     frontend = fit_frontend(source.modality, train_examples)
@@ -89,18 +98,22 @@ def pack(
     return index
 
 
-def _pack_text(data: Path, out: Path, modality: str | None, val_fraction: float, seed: int, log) -> dict:
-    """A corpus for text generation: its token streams, tokenizer and texts (see tasks/generate.py, pack_corpus)."""
+def _pack_task(task: str, data: Path, out: Path, modality: str | None, val_fraction: float, seed: int, log) -> dict:
+    """A corpus for text generation (token streams, tokenizer and texts: tasks/generate.py, pack_corpus) or
+    structures for folding (the chains and their identity split: tasks/fold.py, pack_structures)."""
+    from layerwise.tasks.fold import pack_structures
     from layerwise.tasks.generate import pack_corpus
 
     started = time.perf_counter()
-    if modality not in (None, "text"):
-        raise InputError(f"--modality {modality}: generation learns from text")
+    expected = {"generate": "text", "fold": "protein"}[task]
+    if modality not in (None, expected):
+        raise InputError(f"--modality {modality}: --task {task} learns from {expected}")
+    writer = pack_corpus if task == "generate" else pack_structures
     staging = out.parent / f".tmp_{out.name}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        index = {"format": SHARD_FORMAT} | pack_corpus(data, staging, val_fraction, seed, log)
+        index = {"format": SHARD_FORMAT} | writer(data, staging, val_fraction, seed, log)
         index["seconds"] = round(time.perf_counter() - started, 1)
         write_json(staging / INDEX_FILE, index)
         publish(staging, out)

@@ -63,6 +63,28 @@ def test_the_task_is_detected_from_a_folder_of_structures(structures, fashion_tr
 
 
 @pytest.mark.slow
+def test_packed_structures_train_to_the_weights_of_the_files(structures, fold_run, tmp_path):
+    # `pack --task fold` reads the files and makes the identity split once; training from it is training on them.
+    from safetensors.torch import load_file
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["pack", str(structures), "--out", str(tmp_path / "packed")])  # task detected
+    assert result.exit_code == 0, result.output
+    args = ["--model", "fold_xs", "--epochs", "2", "--no-progress"]
+    result = runner.invoke(app, ["train", str(tmp_path / "packed"), "--out", str(tmp_path / "run"), *args])
+    assert result.exit_code == 0, result.output
+    files, packed = (load_file(str(run / "model.safetensors")) for run in (fold_run, tmp_path / "run"))
+    assert files.keys() == packed.keys() and all(torch.equal(files[k], packed[k]) for k in files)
+    configs = [json.loads((run / "config.json").read_text())["data"] for run in (fold_run, tmp_path / "run")]
+    assert configs[1]["packed_from"] == str(structures)
+    for key in ("n_train", "n_val", "fingerprint", "split", "counts"):
+        assert configs[0][key] == configs[1][key], key
+    (tmp_path / "packed" / "val-chains.safetensors").write_bytes(b"damaged")
+    result = runner.invoke(app, ["train", str(tmp_path / "packed"), "--out", str(tmp_path / "again"), *args])
+    assert result.exit_code == 2 and "val-chains.safetensors" in result.output
+
+
+@pytest.mark.slow
 def test_training_writes_a_complete_run_with_a_leak_free_split(fold_run):
     summary = json.loads((fold_run / "metrics.json").read_text())
     config = json.loads((fold_run / "config.json").read_text())

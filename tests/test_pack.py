@@ -127,27 +127,35 @@ def test_curve_asks_for_the_raw_data_not_the_shards(packed, cli, tmp_path):
     assert code == 2 and "packed shards" in err
 
 
-def test_a_packed_corpus_trains_to_the_weights_of_its_raw_text(cli, tmp_path):
-    # Text generation: pack tokenises once; training from the pack must be training on the text itself.
-    corpus = tmp_path / "text.txt"
-    corpus.write_text(Path("/usr/share/games/fortunes/computers").read_text(errors="replace")[:12_000])
+def test_a_packed_corpus_trains_to_the_weights_of_its_raw_text(cli, tiny_generate_run, tmp_path):
+    # Text generation: pack tokenises once; training from the pack must be training on the text itself. The raw
+    # run is the session's tiny generate run (1 epoch, batch 8, on 12 kB of fortunes).
+    raw_config = json.loads((tiny_generate_run / "config.json").read_text())
+    corpus = Path(raw_config["data"]["source"])
     code, _, err = cli("pack", corpus, "--out", tmp_path / "packed")  # the task is detected from the text
     assert code == 0, err
     index = json.loads((tmp_path / "packed" / "index.json").read_text())
     assert index["task"] == "generate" and index["n_train"] > 5 * index["n_val"] > 0
-    args = ["--epochs", "1", "--batch-size", "8", "--checkpoint-every", "0", "--no-progress"]
-    for data, run in ((corpus, "raw"), (tmp_path / "packed", "from_pack")):
-        code, _, err = cli("train", data, "--out", tmp_path / run, *args)
-        assert code == 0, err
-    raw, from_pack = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("raw", "from_pack"))
+    args = ["--epochs", "1", "--batch-size", "8", "--no-progress"]
+    code, _, err = cli("train", tmp_path / "packed", "--out", tmp_path / "from_pack", *args)
+    assert code == 0, err
+    runs = (tiny_generate_run, tmp_path / "from_pack")
+    raw, from_pack = (load_file(str(run / "model.safetensors")) for run in runs)
     assert raw.keys() == from_pack.keys() and all(torch.equal(raw[k], from_pack[k]) for k in raw)
-    configs = [json.loads((tmp_path / run / "config.json").read_text()) for run in ("raw", "from_pack")]
+    configs = [json.loads((run / "config.json").read_text()) for run in runs]
     for key in ("n_train", "n_val", "fingerprint", "n_train_bytes"):
         assert configs[0]["data"][key] == configs[1]["data"][key], key
     assert configs[1]["data"]["packed_from"] == str(corpus)
-    metrics = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("raw", "from_pack")]
+    metrics = [json.loads((run / "metrics.json").read_text()) for run in runs]
     assert metrics[0]["metrics"]["bits_per_byte"] == metrics[1]["metrics"]["bits_per_byte"]
     assert metrics[0]["baseline"]["bits_per_byte"] == pytest.approx(metrics[1]["baseline"]["bits_per_byte"])
+    # Where raw text is read (evaluate, pack), a pack is refused with the text it came from.
+    for command in (
+        ("evaluate", tiny_generate_run, tmp_path / "packed"),
+        ("pack", tmp_path / "packed", "--out", tmp_path / "p2"),
+    ):
+        code, _, err = cli(*command)
+        assert code == 2 and "packed examples" in err and str(corpus) in err, err
     # A token file cut short is named, not read past its end.
     tokens = tmp_path / "packed" / "train.tokens"
     tokens.write_bytes(tokens.read_bytes()[:-2])

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from layerwise.data.shards import refuse_pack
 from layerwise.data.sources import Problem, _visible, manifest_rows, open_manifest
 from layerwise.data.text import check_is_text
 from layerwise.errors import DecodeError, InputError
@@ -75,6 +76,7 @@ def find_documents(data: Path) -> tuple[list[Document], list[Problem]]:
     """The documents under `data`, and the files that are not usable text (named, with the reason)."""
     if not data.exists():
         raise InputError(f"{data}: no such file or directory")
+    refuse_pack(data)
     problems: list[Problem] = []
     if data.is_file() and data.suffix.lower() == ".csv":
         return _csv_documents(data)

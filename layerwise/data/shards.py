@@ -45,6 +45,17 @@ def is_shard_folder(data: Path) -> bool:
         return False
 
 
+def refuse_pack(data: Path) -> None:
+    """A folder `layerwise pack` wrote, given where raw files are read (evaluate, export, pack itself): an error
+    naming the raw data it came from."""
+    if is_shard_folder(data):
+        source = json.loads((Path(data) / INDEX_FILE).read_text()).get("source")
+        raise InputError(
+            f"{data} holds packed examples (`layerwise pack`), where raw files are needed"
+            + (f": give the data it was packed from ({source})" if source else "")
+        )
+
+
 def read_index(data: Path) -> dict:
     path = Path(data) / INDEX_FILE
     try:

@@ -31,6 +31,7 @@ import gemmi
 import numpy as np
 from Bio.SeqIO.FastaIO import SimpleFastaParser
 
+from layerwise.data.shards import refuse_pack
 from layerwise.data.sources import Problem
 from layerwise.errors import InputError
 
@@ -115,6 +116,8 @@ def read_structures(
     (NMR ensembles hold many). Duplicate sequences are counted, not reported as problems: a
     homodimer's second chain or a re-deposited protein is normal, and keeping it would put the
     same protein on both sides of a train/validation split."""
+    if isinstance(paths, (str, Path)):
+        refuse_pack(Path(paths))
     chains: list[ProteinChain] = []
     problems: list[Problem] = []
     counts = dict.fromkeys(COUNT_KEYS, 0)

@@ -245,6 +245,8 @@ class ClassifyTask(CrossEntropyObjective):
         the training shards are streamed, the validation split and a sample of training examples (for the
         baseline and the shift reference) are read into memory."""
         index = read_index(data)
+        if index.get("task", "classify") != "classify":
+            raise InputError(f"{data}: packed for --task {index['task']}, not for classify")
         modality = index["modality"]
         if options.modality not in (None, modality):
             raise InputError(f"--modality {options.modality}: {data} holds packed {modality} examples")

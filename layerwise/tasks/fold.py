@@ -22,6 +22,7 @@ from safetensors.numpy import save as save_arrays
 from torch import nn
 
 from layerwise.data.crops import ChainBatches, sequence_batch
+from layerwise.data.shards import is_shard_folder, read_index
 from layerwise.data.sources import Problem
 from layerwise.data.structures import STRUCTURE_EXTENSIONS, ProteinChain
 from layerwise.errors import InputError
@@ -134,36 +135,23 @@ class FoldTask:
 
     @classmethod
     def prepare(cls, data: Path, options: FitOptions, saved: dict | None = None, donor=None, log=print) -> Prepared:
-        from layerwise.data.similarity import split_by_similarity
-        from layerwise.data.structures import read_structures
-
+        """Read the structures and split them by sequence identity; or, for a folder `layerwise pack --task
+        fold` wrote, read the chains and the split made there."""
         started = time.perf_counter()
-        chains, problems, counts = read_structures(Path(data))
-        skipped = ", ".join(
-            f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if k not in ("files", "chains") and v
-        )
-        log(
-            f"{data}: {counts['chains']} protein chains from {counts['files']} files"
-            + (f" ({skipped})" if skipped else "")
-        )
-        if len(chains) < 2:
-            raise InputError(
-                f"{data}: {len(chains)} usable protein chain(s); at least 2 are needed to hold one out"
-                + "".join(f"\n  {p.origin}: {p.reason}" for p in problems[:10])
-            )
-        # Refuses (InputError) when every chain is one family: nothing could be held out without leaking.
-        train_index, val_index, split = split_by_similarity(
-            [c.sequence for c in chains], options.val_fraction, options.seed, MAX_IDENTITY
-        )
-        train, val = [chains[i] for i in train_index], [chains[i] for i in val_index]
-        log(f"split: {len(train)} training, {len(val)} validation chains; {split['rule']}")
+        packed = {}
+        if is_shard_folder(data):
+            train, val, problems, counts, split = packed_chains(data, options, log)
+            index = read_index(data)
+            packed = {"packed_from": index["source"], "val_fraction": index["val_fraction"]}
+        else:
+            train, val, problems, counts, split = read_and_split(data, options.val_fraction, options.seed, log)
         root = Path(data)
         data_summary = {
             "source": str(root), "format": "structures", "n_train": len(train), "n_val": len(val),
             "n_skipped": len(problems), "val_fraction": options.val_fraction, "counts": counts, "split": split,
             "fingerprint": fingerprint([f"train {c.name} {c.sequence}" for c in train]
                                        + [f"val {c.name} {c.sequence}" for c in val]),
-        }  # fmt: skip
+        } | packed  # fmt: skip
         if saved is not None and saved["data"].get("fingerprint") not in (None, data_summary["fingerprint"]):
             raise RunMismatch(f"--resume: the structures under {root} differ from the ones the run started on")
         model_name = options.model or DEFAULT_MODEL
@@ -524,6 +512,74 @@ def report_chains(chains: list[ProteinChain], results: list[FoldResult], scores:
     return shown
 
 
+def read_and_split(
+    data: Path, val_fraction: float, seed: int, log=print
+) -> tuple[list[ProteinChain], list[ProteinChain], list[Problem], dict, dict]:
+    """The protein chains of the structure files under `data`, split so that no validation chain shares more than
+    MAX_IDENTITY with a training chain: (train, val, problems, counts, split)."""
+    from layerwise.data.similarity import split_by_similarity
+    from layerwise.data.structures import read_structures
+
+    chains, problems, counts = read_structures(Path(data))
+    skipped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if k not in ("files", "chains") and v)
+    log(
+        f"{data}: {counts['chains']} protein chains from {counts['files']} files" + (f" ({skipped})" if skipped else "")
+    )
+    if len(chains) < 2:
+        raise InputError(
+            f"{data}: {len(chains)} usable protein chain(s); at least 2 are needed to hold one out"
+            + "".join(f"\n  {p.origin}: {p.reason}" for p in problems[:10])
+        )
+    # Refuses (InputError) when every chain is one family: nothing could be held out without leaking.
+    train_index, val_index, split = split_by_similarity([c.sequence for c in chains], val_fraction, seed, MAX_IDENTITY)
+    train, val = [chains[i] for i in train_index], [chains[i] for i in val_index]
+    log(f"split: {len(train)} training, {len(val)} validation chains; {split['rule']}")
+    return train, val, problems, counts, split
+
+
+# A packed structure set (besides index.json): each split's chains in one safetensors file (see templates_to_bytes).
+PACKED_CHAINS = {"train": "train-chains.safetensors", "val": "val-chains.safetensors"}
+
+
+def pack_structures(data: Path, staging: Path, val_fraction: float, seed: int, log=print) -> dict:
+    """`layerwise pack DATA --task fold`: the structure files read and the identity split made once (the split
+    aligns every similar pair: the costly part of preparing a fold run); returns index.json's task entries."""
+    train, val, problems, counts, split = read_and_split(data, val_fraction, seed, log)
+    for name, chains in (("train", train), ("val", val)):
+        (staging / PACKED_CHAINS[name]).write_bytes(templates_to_bytes(chains))
+    return {
+        "task": "fold", "modality": "protein", "source": str(data), "n_train": len(train), "n_val": len(val),
+        "val_fraction": val_fraction, "seed": seed, "counts": counts, "split": split,
+        "shards": [{"file": PACKED_CHAINS[name], "split": name, "count": n}
+                   for name, n in (("train", len(train)), ("val", len(val)))],
+        "skipped": [p.to_json() for p in problems],
+    }  # fmt: skip
+
+
+def packed_chains(
+    data: Path, options: FitOptions, log=print
+) -> tuple[list[ProteinChain], list[ProteinChain], list[Problem], dict, dict]:
+    """The chains and split of a folder `pack_structures` wrote, as `read_and_split` returns them."""
+    index = read_index(data)
+    if index.get("task") != "fold":
+        raise InputError(f"{data}: packed for --task {index.get('task')}, not for fold")
+    if options.val_fraction != index["val_fraction"]:
+        log(f"note: the validation split was fixed when {data} was packed ({index['val_fraction']:.0%}); "
+            f"--val-fraction {options.val_fraction} does not change it")  # fmt: skip
+    chains = {}
+    for shard in index["shards"]:
+        path = Path(data) / shard["file"]
+        try:
+            chains[shard["split"]] = templates_from_bytes(path.read_bytes())
+        except Exception as err:  # safetensors raises its own error types for a damaged file
+            raise InputError(f"{path}: not a readable packed chain file ({err}); pack it again") from err
+        if len(chains[shard["split"]]) != shard["count"]:
+            raise InputError(f"{path}: {len(chains[shard['split']])} chains, index.json lists {shard['count']}")
+    log(f"{data}: {index['n_train']} + {index['n_val']} packed protein chains; {index['split']['rule']}")
+    problems = [Problem(p["path"], p["reason"]) for p in index["skipped"]]
+    return chains["train"], chains["val"], problems, index["counts"], index["split"]
+
+
 def templates_to_bytes(chains: list[ProteinChain]) -> bytes:
     """The training chains as one safetensors file (no pickle): coordinates, masks, offsets; names and
     sequences in its JSON metadata."""
@@ -533,7 +589,8 @@ def templates_to_bytes(chains: list[ProteinChain]) -> bytes:
         "mask": np.concatenate([c.mask for c in chains]).astype(np.uint8),
         "lengths": lengths,
     }
-    meta = {"names": json.dumps([c.name for c in chains]), "sequences": json.dumps([c.sequence for c in chains])}
+    meta = {"names": json.dumps([c.name for c in chains]), "sequences": json.dumps([c.sequence for c in chains]),
+            "origins": json.dumps([c.origin for c in chains])}  # fmt: skip
     return save_arrays(arrays, metadata=meta)
 
 
@@ -541,11 +598,12 @@ def templates_from_bytes(content: bytes) -> list[ProteinChain]:
     arrays = load_arrays(content)
     meta = _metadata(content)
     names, sequences = json.loads(meta["names"]), json.loads(meta["sequences"])
+    origins = json.loads(meta["origins"]) if "origins" in meta else ["templates"] * len(names)  # older runs
     ends = np.cumsum(arrays["lengths"])
     starts = ends - arrays["lengths"]
     return [
-        ProteinChain(name, "templates", seq, arrays["ca"][s:e], arrays["mask"][s:e].astype(bool))
-        for name, seq, s, e in zip(names, sequences, starts, ends, strict=True)
+        ProteinChain(name, origin, seq, arrays["ca"][s:e], arrays["mask"][s:e].astype(bool))
+        for name, origin, seq, s, e in zip(names, origins, sequences, starts, ends, strict=True)
     ]
 
 

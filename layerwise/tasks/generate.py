@@ -185,6 +185,8 @@ class GenerateTask:
         data_summary = {"source": str(data), "n_train": len(train_tokens), "n_val": len(val_tokens)} | corpus.summary
         if saved and saved["data"].get("fingerprint") != data_summary["fingerprint"]:
             raise RunMismatch(f"--resume: {data} no longer matches the run (its text differs); use the same data")
+        if saved and [saved["data"].get(k) for k in ("n_train", "n_val")] != [len(train_tokens), len(val_tokens)]:
+            raise RunMismatch(f"--resume: {data} splits the text differently from the run; use the same data and split")
         prompts = [_prompt_from(text) for text in islice(corpus.val_text(), SAMPLE_PROMPTS) if text.strip()]
         return Prepared(
             task=cls(tokenizer, prompts),
@@ -443,6 +445,11 @@ def pack_corpus(data: Path, staging: Path, val_fraction: float, seed: int, log=p
     MAX_BASELINE_BYTES) and the validation texts (JSON lines). Returns index.json's task entries."""
     options = FitOptions(val_fraction=val_fraction, seed=seed)
     corpus = raw_corpus(data, options, None, None, log)
+    if len(corpus.train_tokens) < MIN_CONTEXT + 2 or len(corpus.val_tokens) < 2:
+        raise InputError(
+            f"{data}: too little text to pack ({len(corpus.train_tokens)} training and {len(corpus.val_tokens)} "
+            "validation tokens); give more text"
+        )
     paths = {split: staging / name for split, name in PACKED_TOKENS.items()}
     for split, tokens in (("train", corpus.train_tokens), ("val", corpus.val_tokens)):
         with open(paths[split], "wb") as f:
@@ -479,6 +486,9 @@ def packed_corpus(data: Path, options: FitOptions, saved: dict | None, donor, lo
     if saved and saved["preprocessing"]["tokenizer"] != tokenizer_json:
         raise RunMismatch(f"--resume: {data} was tokenised differently from the run; use the same data")
     tokenizer = Tokenizer.from_str(json.dumps(tokenizer_json))
+    for name in (PACKED_BASELINE_TEXT, PACKED_VAL_TEXT):
+        if not (Path(data) / name).is_file():
+            raise InputError(f"{Path(data) / name}: missing from the packed corpus; pack it again")
     dtype = np.dtype(index["token_dtype"])
     tokens = {}
     for shard in index["shards"]:
