@@ -312,7 +312,7 @@ def pack_command(
     from layerwise.data.sources import Problem
 
     report_problems([Problem(p["path"], p["reason"]) for p in index["skipped"]])
-    units = {"generate": "tokens", "fold": "chains"}.get(summary["task"], "examples")
+    units = index.get("units", "examples")
     err_console.print(
         f"packed {summary['n_train']:,} training and {summary['n_val']:,} validation {units} into "
         f"{summary['shards']} shards in {out} ({summary['seconds']:.0f} s); train with: layerwise train {out} --out RUN"

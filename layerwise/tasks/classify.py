@@ -24,7 +24,7 @@ from torch import nn
 
 from layerwise.data.batches import TensorBatches
 from layerwise.data.frontend import FrontEnd, fit_frontend, frontend_from_json
-from layerwise.data.shards import ShardBatches, is_shard_folder, load_split, read_index
+from layerwise.data.shards import ShardBatches, is_shard_folder, load_shard, load_split, read_index, write_shards
 from layerwise.data.sources import Example, Problem, Source, check_trainable, discover, discover_files, problems_note
 from layerwise.errors import InputError
 from layerwise.models.registry import Pretrained, model_entry
@@ -238,6 +238,50 @@ class ClassifyTask(CrossEntropyObjective):
                 "(also used for early stopping)",
             },
         )  # fmt: skip
+
+    @classmethod
+    def pack_into(
+        cls,
+        data: Path,
+        staging: Path,
+        *,
+        modality: str | None,
+        val_fraction: float,
+        seed: int,
+        shard_size: int,
+        log=print,
+    ) -> dict:
+        """`layerwise pack` for classification: the stratified split, the preprocessing fitted on the training part,
+        the decoded examples in shards of `shard_size` (see data/shards.py); returns index.json's entries."""
+        source = discover(data, modality)
+        train_examples, val_examples = stratified_split(source.examples, val_fraction, seed)
+        frontend = fit_frontend(source.modality, train_examples)
+        shards, kept, problems = write_shards(
+            staging, {"train": train_examples, "val": val_examples}, source.class_names, frontend, shard_size, seed, log
+        )
+        problems = source.problems + problems
+        check_trainable([ex.label for split in kept.values() for ex in split], source.class_names, source.root)
+        if not kept["val"]:
+            raise InputError(f"{source.root}: too few usable examples to hold any out for validation")
+        if not kept["train"]:
+            raise InputError(f"{source.root}: no usable training examples to pack")
+        # Statistics (an image's per-channel mean and std) from the first training shard: a random sample.
+        first_train = next(shard for shard in shards if shard["split"] == "train")
+        frontend.fit_statistics(load_shard(staging, first_train)[0])
+        return {
+            "modality": source.modality, "source": str(source.root), "units": "examples",
+            "preprocessing": frontend.to_json(), "class_labels": source.class_names,
+            "n_train": len(kept["train"]), "n_val": len(kept["val"]), "val_fraction": val_fraction, "seed": seed,
+            "shard_size": shard_size, "shards": shards,
+            "fingerprint": fingerprint(
+                [f"{split} {example_key(e, source.root)}" for split, examples in kept.items() for e in examples]
+            ),
+            "val_examples": [
+                {"origin": e.origin, "label": e.label, "path": str(e.path) if e.path else None, "text": e.text}
+                for e in kept["val"]
+            ],
+            "skipped": [p.to_json() for p in problems],
+        }  # fmt: skip
 
     @classmethod
     def prepare_packed(cls, data: Path, options: FitOptions, saved: dict | None, donor, log=print) -> Prepared:

@@ -182,6 +182,23 @@ class FoldTask:
             },  # fmt: skip
         )
 
+    @classmethod
+    def pack_into(
+        cls,
+        data: Path,
+        staging: Path,
+        *,
+        modality: str | None,
+        val_fraction: float,
+        seed: int,
+        shard_size: int,
+        log=print,
+    ) -> dict:
+        """`layerwise pack` for folding (see `pack_structures`); one chain file per split, whatever shard_size."""
+        if modality not in (None, "protein"):
+            raise InputError(f"--modality {modality}: folding learns from protein structures")
+        return pack_structures(data, staging, val_fraction, seed, log)
+
     # ------------------------------------------------------------------ after training
 
     def final_metrics(self, network: nn.Module, prepared: Prepared) -> dict:
@@ -548,7 +565,8 @@ def pack_structures(data: Path, staging: Path, val_fraction: float, seed: int, l
     for name, chains in (("train", train), ("val", val)):
         (staging / PACKED_CHAINS[name]).write_bytes(templates_to_bytes(chains))
     return {
-        "task": "fold", "modality": "protein", "source": str(data), "n_train": len(train), "n_val": len(val),
+        "task": "fold", "modality": "protein", "source": str(data), "units": "chains",
+        "n_train": len(train), "n_val": len(val),
         "val_fraction": val_fraction, "seed": seed, "counts": counts, "split": split,
         "shards": [{"file": PACKED_CHAINS[name], "split": name, "count": n}
                    for name, n in (("train", len(train)), ("val", len(val)))],

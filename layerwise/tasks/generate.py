@@ -205,6 +205,23 @@ class GenerateTask:
             },  # fmt: skip
         )
 
+    @classmethod
+    def pack_into(
+        cls,
+        data: Path,
+        staging: Path,
+        *,
+        modality: str | None,
+        val_fraction: float,
+        seed: int,
+        shard_size: int,
+        log=print,
+    ) -> dict:
+        """`layerwise pack` for text generation (see `pack_corpus`); one token file per split, whatever shard_size."""
+        if modality not in (None, "text"):
+            raise InputError(f"--modality {modality}: generation learns from text")
+        return pack_corpus(data, staging, val_fraction, seed, log)
+
     # ------------------------------------------------------------------ after training
 
     def final_metrics(self, network: nn.Module, prepared: Prepared) -> dict:
@@ -461,7 +478,8 @@ def pack_corpus(data: Path, staging: Path, val_fraction: float, seed: int, log=p
         f.writelines(json.dumps(text) + "\n" for text in corpus.val_text())
     task = GenerateTask(corpus.tokenizer)
     return {
-        "task": "generate", **task.to_json(), "source": str(data), "token_dtype": str(corpus.train_tokens.dtype),
+        "task": "generate", **task.to_json(), "source": str(data), "units": "tokens",
+        "token_dtype": str(corpus.train_tokens.dtype),
         "n_train": len(corpus.train_tokens), "n_val": len(corpus.val_tokens), "val_fraction": val_fraction,
         "seed": seed, "summary": corpus.summary,
         "shards": [
