@@ -17,6 +17,7 @@ from layerwise.data.shards import DEFAULT_SHARD_SIZE, INDEX_FILE, SHARD_FORMAT, 
 from layerwise.errors import InputError
 from layerwise.files import write_json
 from layerwise.tasks import TASKS, detect_task, task_class
+from layerwise.tasks.base import PackOptions
 
 
 def packable_tasks() -> list[str]:
@@ -51,9 +52,7 @@ def pack(
         raise InputError(f"--out {out}: already exists and is not an empty folder; choose another")
     started = time.perf_counter()
     with _staged(out) as staging:
-        found = pack_into(
-            data, staging, modality=modality, val_fraction=val_fraction, seed=seed, shard_size=shard_size, log=log
-        )
+        found = pack_into(data, staging, PackOptions(modality, val_fraction, seed, shard_size), log)
         index = {"format": SHARD_FORMAT, "task": task} | found | {"seconds": round(time.perf_counter() - started, 1)}
         write_json(staging / INDEX_FILE, index)
     return index

@@ -148,6 +148,16 @@ class FitOptions:
     time_budget: float | None = None  # seconds; a task may size its default model by it
 
 
+@dataclass(frozen=True)
+class PackOptions:
+    """What `layerwise pack` asks of a task's `pack_into(data, staging, options, log) -> index entries`."""
+
+    modality: str | None
+    val_fraction: float
+    seed: int
+    shard_size: int  # examples per shard, where a task cuts its data into shards
+
+
 def default_batch_size(n_train: int) -> int:
     """256 for large data; smaller for small data so each epoch still takes several steps."""
     return int(min(256, max(16, 2 ** round(math.log2(max(n_train, 1) / 8)))))

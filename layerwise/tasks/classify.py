@@ -40,6 +40,7 @@ from layerwise.shift.reference import (
 from layerwise.tasks.base import (
     Batches,
     FitOptions,
+    PackOptions,
     Prepared,
     RunMismatch,
     default_batch_size,
@@ -240,24 +241,20 @@ class ClassifyTask(CrossEntropyObjective):
         )  # fmt: skip
 
     @classmethod
-    def pack_into(
-        cls,
-        data: Path,
-        staging: Path,
-        *,
-        modality: str | None,
-        val_fraction: float,
-        seed: int,
-        shard_size: int,
-        log=print,
-    ) -> dict:
+    def pack_into(cls, data: Path, staging: Path, options: PackOptions, log=print) -> dict:
         """`layerwise pack` for classification: the stratified split, the preprocessing fitted on the training part,
         the decoded examples in shards of `shard_size` (see data/shards.py); returns index.json's entries."""
-        source = discover(data, modality)
-        train_examples, val_examples = stratified_split(source.examples, val_fraction, seed)
+        source = discover(data, options.modality)
+        train_examples, val_examples = stratified_split(source.examples, options.val_fraction, options.seed)
         frontend = fit_frontend(source.modality, train_examples)
         shards, kept, problems = write_shards(
-            staging, {"train": train_examples, "val": val_examples}, source.class_names, frontend, shard_size, seed, log
+            staging,
+            {"train": train_examples, "val": val_examples},
+            source.class_names,
+            frontend,
+            options.shard_size,
+            options.seed,
+            log,
         )
         problems = source.problems + problems
         check_trainable([ex.label for split in kept.values() for ex in split], source.class_names, source.root)
@@ -271,8 +268,8 @@ class ClassifyTask(CrossEntropyObjective):
         return {
             "modality": source.modality, "source": str(source.root), "units": "examples",
             "preprocessing": frontend.to_json(), "class_labels": source.class_names,
-            "n_train": len(kept["train"]), "n_val": len(kept["val"]), "val_fraction": val_fraction, "seed": seed,
-            "shard_size": shard_size, "shards": shards,
+            "n_train": len(kept["train"]), "n_val": len(kept["val"]), "val_fraction": options.val_fraction,
+            "seed": options.seed, "shard_size": options.shard_size, "shards": shards,
             "fingerprint": fingerprint(
                 [f"{split} {example_key(e, source.root)}" for split, examples in kept.items() for e in examples]
             ),

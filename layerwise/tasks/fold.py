@@ -28,7 +28,7 @@ from layerwise.data.structures import STRUCTURE_EXTENSIONS, ProteinChain
 from layerwise.errors import InputError
 from layerwise.models.registry import model_entry
 from layerwise.runtime import model_device
-from layerwise.tasks.base import FitOptions, Prepared, RunMismatch, fingerprint, result_rows
+from layerwise.tasks.base import FitOptions, PackOptions, Prepared, RunMismatch, fingerprint, result_rows
 
 if TYPE_CHECKING:
     from layerwise.serve.export import Graph
@@ -183,21 +183,11 @@ class FoldTask:
         )
 
     @classmethod
-    def pack_into(
-        cls,
-        data: Path,
-        staging: Path,
-        *,
-        modality: str | None,
-        val_fraction: float,
-        seed: int,
-        shard_size: int,
-        log=print,
-    ) -> dict:
+    def pack_into(cls, data: Path, staging: Path, options: PackOptions, log=print) -> dict:
         """`layerwise pack` for folding (see `pack_structures`); one chain file per split, whatever shard_size."""
-        if modality not in (None, "protein"):
-            raise InputError(f"--modality {modality}: folding learns from protein structures")
-        return pack_structures(data, staging, val_fraction, seed, log)
+        if options.modality not in (None, "protein"):
+            raise InputError(f"--modality {options.modality}: folding learns from protein structures")
+        return pack_structures(data, staging, options.val_fraction, options.seed, log)
 
     # ------------------------------------------------------------------ after training
 

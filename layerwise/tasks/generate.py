@@ -42,7 +42,7 @@ from layerwise.data.windows import RandomWindows, SequentialWindows
 from layerwise.errors import InputError
 from layerwise.models.registry import model_entry
 from layerwise.runtime import autocast_for, model_device, to_device
-from layerwise.tasks.base import FitOptions, Prepared, RunMismatch, result_rows
+from layerwise.tasks.base import FitOptions, PackOptions, Prepared, RunMismatch, result_rows
 
 NGRAM_ORDER = 6  # the byte n-gram baseline's order (6 scored best on held-out Austen among 4..8)
 MAX_BASELINE_BYTES = 32 << 20  # the n-gram model is fitted on at most the first 32 MB of training text
@@ -206,21 +206,11 @@ class GenerateTask:
         )
 
     @classmethod
-    def pack_into(
-        cls,
-        data: Path,
-        staging: Path,
-        *,
-        modality: str | None,
-        val_fraction: float,
-        seed: int,
-        shard_size: int,
-        log=print,
-    ) -> dict:
+    def pack_into(cls, data: Path, staging: Path, options: PackOptions, log=print) -> dict:
         """`layerwise pack` for text generation (see `pack_corpus`); one token file per split, whatever shard_size."""
-        if modality not in (None, "text"):
-            raise InputError(f"--modality {modality}: generation learns from text")
-        return pack_corpus(data, staging, val_fraction, seed, log)
+        if options.modality not in (None, "text"):
+            raise InputError(f"--modality {options.modality}: generation learns from text")
+        return pack_corpus(data, staging, options.val_fraction, options.seed, log)
 
     # ------------------------------------------------------------------ after training
 
