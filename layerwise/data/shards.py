@@ -56,6 +56,19 @@ def refuse_pack(data: Path) -> None:
         )
 
 
+def read_pack(data: Path, task: str, val_fraction: float, log=print) -> dict:
+    """The index of a pack to train `task` on: refused when it was packed for another task; a note when the
+    requested --val-fraction differs from the split fixed at packing."""
+    index = read_index(data)
+    packed_for = index.get("task", "classify")  # packs from before the key were classification's
+    if packed_for != task:
+        raise InputError(f"{data}: packed for --task {packed_for}, not for {task}")
+    if val_fraction != index["val_fraction"]:
+        log(f"note: the validation split was fixed when {data} was packed ({index['val_fraction']:.0%}); "
+            f"--val-fraction {val_fraction} does not change it")  # fmt: skip
+    return index
+
+
 def read_index(data: Path) -> dict:
     path = Path(data) / INDEX_FILE
     try:

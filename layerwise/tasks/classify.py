@@ -24,7 +24,7 @@ from torch import nn
 
 from layerwise.data.batches import TensorBatches
 from layerwise.data.frontend import FrontEnd, fit_frontend, frontend_from_json
-from layerwise.data.shards import ShardBatches, is_shard_folder, load_shard, load_split, read_index, write_shards
+from layerwise.data.shards import ShardBatches, is_shard_folder, load_shard, load_split, read_pack, write_shards
 from layerwise.data.sources import Example, Problem, Source, check_trainable, discover, discover_files, problems_note
 from layerwise.errors import InputError
 from layerwise.models.registry import Pretrained, model_entry
@@ -285,9 +285,7 @@ class ClassifyTask(CrossEntropyObjective):
         """Training data `layerwise pack` wrote: the split, preprocessing and problems were decided there;
         the training shards are streamed, the validation split and a sample of training examples (for the
         baseline and the shift reference) are read into memory."""
-        index = read_index(data)
-        if index.get("task", "classify") != "classify":
-            raise InputError(f"{data}: packed for --task {index['task']}, not for classify")
+        index = read_pack(data, "classify", options.val_fraction, log)
         modality = index["modality"]
         if options.modality not in (None, modality):
             raise InputError(f"--modality {options.modality}: {data} holds packed {modality} examples")
@@ -323,9 +321,6 @@ class ClassifyTask(CrossEntropyObjective):
                 f"--model {model_name} reads text with its own tokenizer, and {data} was packed with another; "
                 "train it from the raw data"
             )
-        if options.val_fraction != index["val_fraction"]:
-            log(f"note: the validation split was fixed when {data} was packed ({index['val_fraction']:.0%}); "
-                f"--val-fraction {options.val_fraction} does not change it")  # fmt: skip
 
         def train_batches(batch: int) -> ShardBatches:
             return ShardBatches(

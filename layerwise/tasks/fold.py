@@ -22,7 +22,7 @@ from safetensors.numpy import save as save_arrays
 from torch import nn
 
 from layerwise.data.crops import ChainBatches, sequence_batch
-from layerwise.data.shards import is_shard_folder, read_index
+from layerwise.data.shards import is_shard_folder, read_pack
 from layerwise.data.sources import Problem
 from layerwise.data.structures import STRUCTURE_EXTENSIONS, ProteinChain
 from layerwise.errors import InputError
@@ -140,8 +140,8 @@ class FoldTask:
         started = time.perf_counter()
         packed = {}
         if is_shard_folder(data):
-            train, val, problems, counts, split = packed_chains(data, options, log)
-            index = read_index(data)
+            index = read_pack(data, "fold", options.val_fraction, log)
+            train, val, problems, counts, split = packed_chains(data, index, log)
             packed = {"packed_from": index["source"], "val_fraction": index["val_fraction"]}
         else:
             train, val, problems, counts, split = read_and_split(data, options.val_fraction, options.seed, log)
@@ -565,15 +565,9 @@ def pack_structures(data: Path, staging: Path, val_fraction: float, seed: int, l
 
 
 def packed_chains(
-    data: Path, options: FitOptions, log=print
+    data: Path, index: dict, log=print
 ) -> tuple[list[ProteinChain], list[ProteinChain], list[Problem], dict, dict]:
-    """The chains and split of a folder `pack_structures` wrote, as `read_and_split` returns them."""
-    index = read_index(data)
-    if index.get("task") != "fold":
-        raise InputError(f"{data}: packed for --task {index.get('task')}, not for fold")
-    if options.val_fraction != index["val_fraction"]:
-        log(f"note: the validation split was fixed when {data} was packed ({index['val_fraction']:.0%}); "
-            f"--val-fraction {options.val_fraction} does not change it")  # fmt: skip
+    """The chains and split of a folder `pack_structures` wrote (its `index`), as `read_and_split` returns them."""
     chains = {}
     for shard in index["shards"]:
         path = Path(data) / shard["file"]

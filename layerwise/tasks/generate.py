@@ -36,7 +36,7 @@ from layerwise.data.corpus import (
     vocabulary_size,
     write_tokens,
 )
-from layerwise.data.shards import is_shard_folder, read_index
+from layerwise.data.shards import is_shard_folder, read_pack
 from layerwise.data.sources import Problem
 from layerwise.data.windows import RandomWindows, SequentialWindows
 from layerwise.errors import InputError
@@ -482,9 +482,7 @@ def pack_corpus(data: Path, staging: Path, val_fraction: float, seed: int, log=p
 
 def packed_corpus(data: Path, options: FitOptions, saved: dict | None, donor, log=print) -> Corpus:
     """A folder `pack_corpus` wrote: its token files mapped, its tokenizer (a resumed run's must be the same)."""
-    index = read_index(data)
-    if index.get("task") != "generate":
-        raise InputError(f"{data}: packed for --task {index.get('task')}, not for generate")
+    index = read_pack(data, "generate", options.val_fraction, log)
     if donor is not None:
         raise InputError(
             f"--init with packed text: {data} was tokenised with its own tokenizer, which the --init run's "
@@ -505,9 +503,6 @@ def packed_corpus(data: Path, options: FitOptions, saved: dict | None, donor, lo
         if path.stat().st_size != expected:
             raise InputError(f"{path}: {path.stat().st_size} bytes, index.json expects {expected}; pack it again")
         tokens[shard["split"]] = np.memmap(path, dtype=dtype, mode="r", shape=(shard["count"],))
-    if options.val_fraction != index["val_fraction"]:
-        log(f"note: the validation split was fixed when {data} was packed ({index['val_fraction']:.0%}); "
-            f"--val-fraction {options.val_fraction} does not change it")  # fmt: skip
     summary = index["summary"] | {"packed_from": index["source"]}
     log(f"{data}: {index['n_train']:,} + {index['n_val']:,} packed tokens, vocabulary {tokenizer.get_vocab_size()}")
 
