@@ -23,11 +23,12 @@ demo-fold: setup
 demo-transcribe: setup
 	$(VENV)/bin/layerwise demo --task transcribe
 
+# One pytest-xdist worker per core; a test file stays in one worker, so its module fixtures are built once.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n auto --dist loadfile -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check layerwise tests benchmarks
@@ -43,3 +44,4 @@ bench: setup
 	$(PY) benchmarks/detect.py
 	$(PY) benchmarks/fold.py
 	$(PY) benchmarks/transcribe.py
+	$(PY) benchmarks/startup.py

@@ -1,94 +1,135 @@
-"""Small real data the tests prepare once per session: Fashion-MNIST PNGs, espeak-ng digits, fortunes."""
+"""Small real data the tests prepare once per session: Fashion-MNIST PNGs, espeak-ng digits, fortunes.
 
+`make test` runs the suite in two pytest-xdist workers, one per core. The data and the shared runs below are then
+built once, by whichever worker asks first, in a folder both workers see; the other waits on a file lock.
+"""
+
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 from typer.testing import CliRunner
 
 from layerwise.cli import app
 from layerwise.data.datasets import prepare_fashion_mnist, prepare_fortunes, synthesize_spoken_digits
 
+# The machines have 2 cores: one torch thread in each of two workers, two threads in a lone pytest. The commands
+# the tests start get the same count, so their runs stay bitwise comparable with the ones trained in-process.
+TORCH_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+os.environ["OMP_NUM_THREADS"] = str(TORCH_THREADS)
+
 
 @pytest.fixture(autouse=True)
-def _two_threads():
-    torch.set_num_threads(2)  # the machines have 2 cores; keeps runs comparable and deterministic
+def _torch_threads():
+    torch.set_num_threads(TORCH_THREADS)
 
 
 @pytest.fixture(scope="session")
-def data_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("data")
+def shared_root(tmp_path_factory) -> Path:
+    """This session's folder; under pytest-xdist, the one all workers share (each has its own inside it)."""
+    own = tmp_path_factory.getbasetemp()
+    return own.parent if os.environ.get("PYTEST_XDIST_WORKER") else own
+
+
+def built_once(shared_root: Path, name: str, build: Callable[[], Path]) -> Path:
+    """What `build` returns, built by the first worker that asks; the others wait on a lock and reuse it."""
+    built = shared_root / f"{name}.built"
+    with FileLock(str(shared_root / f"{name}.lock")):
+        if not built.exists():
+            built.write_text(str(build()))
+        return Path(built.read_text())
 
 
 @pytest.fixture(scope="session")
-def fashion_train(data_root) -> Path:
+def data_root(shared_root) -> Path:
+    return shared_root / "data"
+
+
+@pytest.fixture(scope="session")
+def fashion_train(shared_root, data_root) -> Path:
     """60 real Fashion-MNIST images per class, as class folders of PNGs."""
-    return prepare_fashion_mnist(data_root / "fashion", "train", per_class=60)
+    return built_once(
+        shared_root, "fashion_train", lambda: prepare_fashion_mnist(data_root / "fashion", "train", per_class=60)
+    )
 
 
 @pytest.fixture(scope="session")
-def fashion_test(data_root) -> Path:
-    return prepare_fashion_mnist(data_root / "fashion", "test", per_class=20)
+def fashion_test(shared_root, data_root) -> Path:
+    return built_once(
+        shared_root, "fashion_test", lambda: prepare_fashion_mnist(data_root / "fashion", "test", per_class=20)
+    )
 
 
 @pytest.fixture(scope="session")
-def spoken_digits(data_root) -> Path:
+def spoken_digits(shared_root, data_root) -> Path:
     """Spoken digits synthesised with espeak-ng: 10 classes, many voices."""
-    return synthesize_spoken_digits(data_root / "digits", per_class=12)
+    return built_once(
+        shared_root, "spoken_digits", lambda: synthesize_spoken_digits(data_root / "digits", per_class=12)
+    )
 
 
 @pytest.fixture(scope="session")
-def fortunes_csv(data_root) -> Path:
+def fortunes_csv(shared_root, data_root) -> Path:
     """Quotes from Debian's fortunes, labelled by topic, as a CSV manifest with a text column."""
-    return prepare_fortunes(data_root / "fortunes", topics=("computers", "politics", "songs-poems"), per_class=200)
+    topics = ("computers", "politics", "songs-poems")
+    return built_once(shared_root, "fortunes_csv", lambda: prepare_fortunes(data_root / "fortunes", topics, 200))
+
+
+def train_once(shared_root: Path, name: str, args: list[str]) -> Path:
+    """shared_root/runs/name, trained once by `layerwise train ARGS --out RUN --no-progress`."""
+
+    def build() -> Path:
+        run = shared_root / "runs" / name
+        result = CliRunner().invoke(app, ["train", *args, "--out", str(run), "--no-progress"])
+        assert result.exit_code == 0, result.stderr
+        return run
+
+    return built_once(shared_root, name, build)
 
 
 @pytest.fixture(scope="session")
-def fortunes_run(tmp_path_factory, fortunes_csv) -> Path:
+def fortunes_run(shared_root, fortunes_csv) -> Path:
     """A 3-topic text run (transformer_tiny, 3 epochs; validation accuracy ~0.62) that tests read but never change."""
-    run = tmp_path_factory.mktemp("runs") / "fortunes"
     # transformer_tiny, not the default pretrained MiniLM (a slower fine-tune), so the shared run stays quick.
-    args = ["train", str(fortunes_csv), "--out", str(run), "--epochs", "3", "--model", "transformer_tiny"]
-    result = CliRunner().invoke(app, [*args, "--no-progress"])
-    assert result.exit_code == 0, result.stderr
-    return run
+    return train_once(shared_root, "fortunes", [str(fortunes_csv), "--epochs", "3", "--model", "transformer_tiny"])
 
 
 @pytest.fixture(scope="session")
-def fashion_run(tmp_path_factory, fashion_train) -> Path:
+def fashion_run(shared_root, fashion_train) -> Path:
     """A 10-class image run (600 images, 8 epochs) that tests read but never change."""
-    run = tmp_path_factory.mktemp("runs") / "fashion"
-    result = CliRunner().invoke(app, ["train", str(fashion_train), "--out", str(run), "--epochs", "8", "--no-progress"])
-    assert result.exit_code == 0, result.stderr
-    return run
+    return train_once(shared_root, "fashion", [str(fashion_train), "--epochs", "8"])
 
 
 @pytest.fixture(scope="session")
-def three_class_run(fashion_train, tmp_path_factory) -> Path:
+def three_class_run(shared_root, data_root, fashion_train) -> Path:
     """A small image run (bag / sneaker / trouser, 2 epochs) that tests read but never change."""
     import shutil
 
-    data = tmp_path_factory.mktemp("three_class_data")
-    for name in ("bag", "sneaker", "trouser"):
-        shutil.copytree(fashion_train / name, data / name)
-    run = tmp_path_factory.mktemp("three_class_runs") / "run"
-    args = ["train", str(data), "--out", str(run), "--epochs", "2", "--batch-size", "16", "--no-progress"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.stderr
-    return run
+    def data() -> Path:
+        folder = data_root / "three_class"
+        for name in ("bag", "sneaker", "trouser"):
+            shutil.copytree(fashion_train / name, folder / name)
+        return folder
+
+    three_classes = built_once(shared_root, "three_class_data", data)
+    return train_once(shared_root, "three_class", [str(three_classes), "--epochs", "2", "--batch-size", "16"])
 
 
 @pytest.fixture(scope="session")
-def tiny_generate_run(tmp_path_factory) -> Path:
+def tiny_generate_run(shared_root, data_root) -> Path:
     """A generate run (1 epoch) on 12 kB of Debian's fortunes, that tests read but never change."""
-    root = tmp_path_factory.mktemp("tiny_generate")
-    corpus = root / "text.txt"
-    corpus.write_text(Path("/usr/share/games/fortunes/computers").read_text(errors="replace")[:12_000])
-    run = root / "gen"
-    args = ["train", str(corpus), "--out", str(run), "--epochs", "1", "--batch-size", "8", "--no-progress"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.stderr
-    return run
+
+    def corpus() -> Path:
+        text = data_root / "tiny_generate" / "text.txt"
+        text.parent.mkdir(parents=True)
+        text.write_text(Path("/usr/share/games/fortunes/computers").read_text(errors="replace")[:12_000])
+        return text
+
+    text = built_once(shared_root, "tiny_generate_text", corpus)
+    return train_once(shared_root, "tiny_generate", [str(text), "--epochs", "1", "--batch-size", "8"])
 
 
 class Cli:

@@ -75,9 +75,10 @@ def test_detect_draws_pictures_and_prints_boxes_in_original_pixels(cli, detect_r
         assert r["boxes"] and all(0 <= b["box"][0] <= b["box"][2] <= r["width"] for b in r["boxes"])
         assert all(0 <= b["box"][1] <= b["box"][3] <= r["height"] for b in r["boxes"])
     # The 256 px copy letterboxes back to (almost exactly) the 128 px pixels: the same detections, doubled.
-    # (Compared as sets: a briefly trained model has near-ties whose order may swap.)
+    # (Each of the first against all of the second: a briefly trained model has near-ties, whose order and whose
+    # survivor of non-maximum suppression may swap.)
     small = 2 * np.array([b["box"] for b in results[0]["boxes"][:3]])
-    large = np.array([b["box"] for b in results[1]["boxes"][:10]])
+    large = np.array([b["box"] for b in results[1]["boxes"]])
     assert all(np.abs(large - box).max(axis=1).min() <= 2 for box in small)
     assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == sorted(p.stem + ".png" for p in paths)
     code, out, _ = cli("predict", detect_run, paths[0], "--json")
@@ -174,7 +175,7 @@ def test_a_detector_overfits_a_handful_of_scenes(tmp_path) -> None:
     batches = BoxBatches(pixels, targets, 8, task.prep.mean, task.prep.std)
     torch.manual_seed(0)
     network = create_model("fcos_resnet_s", num_classes=len(source.class_names), side=128)
-    config = TrainConfig(epochs=80, batch_size=8, lr=2e-3, patience=10**6, seed=0)
+    config = TrainConfig(epochs=40, batch_size=8, lr=2e-3, patience=10**6, seed=0)
     train(network, batches, batches, config, show_progress=False, objective=task, log=lambda _: None)
     assert task.evaluate(network, batches)["map_50"] >= 0.95
 

@@ -93,13 +93,6 @@ def test_fsdp_gathers_each_stage_on_its_own_and_leaves_a_tied_embedding_to_the_w
 
 
 @pytest.mark.slow
-def test_two_processes_reach_the_weights_of_one_with_the_same_global_batch(tmp_path, one_process):
-    result = run([*TORCHRUN, "--standalone", "--nproc-per-node=2", str(WORKER), str(tmp_path / "run")])
-    assert result.returncode == 0, result.stderr
-    assert_same_weights(weights(tmp_path / "run"), one_process)
-
-
-@pytest.mark.slow
 def test_two_sharded_processes_take_the_steps_of_one_and_their_checkpoint_resumes_either_way(tmp_path, one_process):
     # FSDP: each process holds half of every weight and AdamW moment; checkpoints hold them whole. Rank 1 dies at
     # step 7. From the checkpoint of step 6, one unsharded process and two sharded ones each finish the run, and
@@ -183,6 +176,7 @@ def test_a_dead_rank_ends_the_run_and_another_number_of_processes_resumes_it(tmp
 
 @pytest.mark.slow
 def test_torchrun_restarts_after_a_dead_rank_and_resumes_from_the_checkpoint(tmp_path, one_process):
+    # Also the plain case: two processes, before the death and after the restart, take the steps of one.
     out = tmp_path / "run"
     command = [*TORCHRUN, "--standalone", "--nproc-per-node=2", "--max-restarts=1", str(WORKER), str(out)]
     result = run([*command, "--die-at", "7"])

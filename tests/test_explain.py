@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TORCH_THREADS
 from scipy.stats import spearmanr
 
 from layerwise.cli import app
@@ -41,7 +42,7 @@ def train(data: Path, run: Path, *options: str) -> Path:
 
 @pytest.fixture(scope="module")
 def image_run(tmp_path_factory, fashion_train) -> Path:
-    torch.set_num_threads(2)
+    torch.set_num_threads(TORCH_THREADS)  # module-scoped: set up before conftest's per-test fixture
     return train(fashion_train, tmp_path_factory.mktemp("explain") / "fashion", "--epochs", "6")
 
 

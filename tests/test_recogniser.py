@@ -115,12 +115,13 @@ def train_until_exact(model: SpeechRecogniser, data, max_steps: int = 300, lr: f
 
 
 @pytest.fixture(autouse=True)
-def _one_thread(_two_threads):
-    """Overrides conftest's two threads: on tensors this small a second OpenMP thread mostly spins, and on a busy
+def _one_thread(_torch_threads):
+    """Overrides conftest's thread count: on tensors this small a second OpenMP thread mostly spins, and on a busy
     machine training took 30-100x longer with it (0.5 s against 15-65 s)."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,8 @@ from typing import ClassVar
 import numpy as np
 import soundfile
 import torch
-from scipy.signal import butter, resample_poly, sosfilt
 
-from layerwise.data.audio import SAMPLE_RATE, mel_filterbank
+from layerwise.data.audio import SAMPLE_RATE, mel_filterbank, resample_poly
 from layerwise.data.sources import Problem, manifest_rows, open_manifest
 from layerwise.errors import DecodeError, InputError
 
@@ -321,6 +320,8 @@ def random_gain(wave: np.ndarray, db: float) -> np.ndarray:
 
 def telephone_band(wave: np.ndarray) -> np.ndarray:
     """Through 8 kHz sampling and a 300-3400 Hz band-pass, as on a phone line; same length."""
+    from scipy.signal import butter, sosfilt  # on first use, as resample_poly
+
     wide = resample_poly(resample_poly(wave, 1, 2), 2, 1)[: len(wave)]
     sos = butter(TELEPHONE_ORDER, TELEPHONE_BAND_HZ, btype="bandpass", fs=SAMPLE_RATE, output="sos")
     return sosfilt(sos, wide).astype(np.float32)

@@ -85,7 +85,7 @@ def model_entry(name: str) -> ModelEntry:
 
         check_architecture(name)
         return ModelEntry(name, partial(build_hub_model, name), ("image",), ("classify",), HubWeights(name))
-    _load_builtin_models()
+    _load_builtin_models(name)
     if name not in _REGISTRY:
         raise InputError(f"--model: unknown model {name!r} (known: {', '.join(list_models())})")
     return _REGISTRY[name]
@@ -107,6 +107,13 @@ def load_pretrained(name: str, network: nn.Module) -> str | None:
     return pretrained.load_weights(network, pretrained.files(name))
 
 
-def _load_builtin_models() -> None:
-    # Imported here, not at module import, so the registry has no import-time side effects elsewhere.
-    from layerwise.models import convnet, detector, folder, gpt, minilm, recogniser, resnet, transformer  # noqa: F401
+def _load_builtin_models(wanted: str | None = None) -> None:
+    """Import the modules of layerwise's own models, which register them: all of them, or as few as find `wanted`.
+
+    Imported here, not at module import, so the registry has no import-time side effects elsewhere. The detector
+    comes last and only when asked for: it imports torchvision's detection models, 1-2 s of a command's start.
+    """
+    from layerwise.models import convnet, folder, gpt, minilm, recogniser, resnet, transformer  # noqa: F401
+
+    if wanted is None or wanted not in _REGISTRY:
+        from layerwise.models import detector  # noqa: F401
