@@ -286,14 +286,22 @@ def pack_command(
     data: Annotated[Path, typer.Argument(help="Training data, as `layerwise train` takes it.")],
     out: Annotated[Path, typer.Option("--out", help="A new folder for the shards and index.json.")],
     task: Annotated[
-        str | None, typer.Option(help="What the data is for (default: detected; classify, generate or fold so far).")
+        str | None,
+        typer.Option(help="What the data is for (default: detected; classify, detect, generate or fold so far)."),
     ] = None,
     modality: Annotated[str | None, typer.Option(help="image, audio or text (default: detected).")] = None,
     val_fraction: Annotated[
         float, typer.Option("--val-fraction", help="Fraction held out for validation, fixed in the shards.")
     ] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed of the split and of the order the examples are packed in.")] = 0,
-    shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Examples per shard.")] = DEFAULT_SHARD_SIZE,
+    shard_size: Annotated[
+        int | None,
+        typer.Option(
+            "--shard-size",
+            min=1,
+            help=f"Examples per shard (default: {DEFAULT_SHARD_SIZE}; detection: images filling about 256 MB).",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print index.json's summary as one JSON object.")] = False,
 ) -> None:
     """Decode and validate DATA once into shards; `layerwise train SHARDS` streams them in bounded memory."""

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from layerwise.data.shards import DEFAULT_SHARD_SIZE, INDEX_FILE, SHARD_FORMAT, publish, refuse_pack
+from layerwise.data.shards import INDEX_FILE, SHARD_FORMAT, publish, refuse_pack
 from layerwise.errors import InputError
 from layerwise.files import write_json
 from layerwise.tasks import TASKS, detect_task, task_class
@@ -32,7 +32,7 @@ def pack(
     modality: str | None = None,
     val_fraction: float = 0.1,
     seed: int = 0,
-    shard_size: int = DEFAULT_SHARD_SIZE,
+    shard_size: int | None = None,
     log=print,
 ) -> dict:
     """Write DATA's decoded examples as shards into `out`; returns the index (also `out/index.json`)."""
@@ -46,7 +46,7 @@ def pack(
         )
     if not 0 < val_fraction < 0.5:
         raise InputError(f"--val-fraction must be between 0 and 0.5, not {val_fraction}")
-    if shard_size < 1:
+    if shard_size is not None and shard_size < 1:
         raise InputError(f"--shard-size must be at least 1, not {shard_size}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"--out {out}: already exists and is not an empty folder; choose another")

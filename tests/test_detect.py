@@ -159,6 +159,73 @@ def test_worker_processes_make_the_same_augmented_batches_in_order() -> None:
                        for a, b in zip(y1, y2, strict=True))  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def packed_scenes(scenes, tmp_path_factory) -> Path:
+    from layerwise.pack import pack
+
+    out = tmp_path_factory.mktemp("packed") / "scenes"
+    pack(scenes, out, shard_size=32, log=lambda _: None)
+    return out
+
+
+def test_packed_scenes_hold_each_image_letterboxed_with_its_boxes(packed_scenes, scenes) -> None:
+    from layerwise.data.boxes import read_box_targets
+    from layerwise.data.detection import read_detection
+    from layerwise.data.shards import load_split, read_index
+    from layerwise.tasks.detect import decode_annotated
+
+    index = read_index(packed_scenes)
+    assert (index["task"], index["units"], index["n_train"], index["n_val"]) == ("detect", "images", 108, 12)
+    assert max(shard["n"] for shard in index["shards"]) == 32 and index["preprocessing"]["side"] == 128
+    # The validation images, in shard order, are the files' own letterboxed pixels and boxes.
+    by_path = {str(image.path): image for image in read_detection(scenes).images}
+    raw_pixels, raw_targets, _, _ = decode_annotated([by_path[im["path"]] for im in index["val_images"]], 128)
+    pixels, rows = load_split(packed_scenes, [shard for shard in index["shards"] if shard["split"] == "val"])
+    targets = read_box_targets(packed_scenes, "val", 12)
+    assert torch.equal(pixels, raw_pixels) and rows.tolist() == list(range(12))
+    for (boxes, labels), (raw_boxes, raw_labels) in zip(targets, raw_targets, strict=True):
+        assert torch.equal(boxes, raw_boxes) and torch.equal(labels, raw_labels)
+
+
+def test_packed_batches_bring_each_image_with_its_own_boxes_and_resume_mid_epoch(packed_scenes) -> None:
+    from layerwise.data.boxes import ShardBoxBatches, read_box_targets
+    from layerwise.data.shards import load_split, read_index
+
+    index = read_index(packed_scenes)
+    train = [shard for shard in index["shards"] if shard["split"] == "train"]
+    targets = read_box_targets(packed_scenes, "train", 108)
+    pixels, rows = load_split(packed_scenes, train)
+    row_of = {pixels[k].numpy().tobytes(): row for k, row in enumerate(rows.tolist())}
+    batches = ShardBoxBatches(packed_scenes, train, 16, targets, (0.0,) * 3, (1 / 255,) * 3, shuffle=True, seed=3)
+    seen = []
+    for images, batch_targets in batches.epoch(2):
+        for image, target in zip(images, batch_targets, strict=True):
+            row = row_of[image.round().to(torch.uint8).numpy().tobytes()]  # mean 0, std 1/255: the pixels back
+            assert torch.equal(target["boxes"], targets[row][0]) and torch.equal(target["labels"], targets[row][1])
+            seen.append(row)
+    assert len(seen) == len(set(seen)) == 16 * len(batches) and len(batches) == 108 // 16  # no ragged last batch
+    assert seen[:16] != sorted(seen[:16])  # shuffled
+    augmented = ShardBoxBatches(packed_scenes, train, 16, targets, (0.5,) * 3, (0.25,) * 3, augment=True,
+                                shuffle=True, seed=3)  # fmt: skip
+    whole, resumed = list(augmented.epoch(1)), list(augmented.epoch(1, start=4))
+    assert len(resumed) == len(whole) - 4
+    for (x1, y1), (x2, y2) in zip(whole[4:], resumed, strict=True):
+        assert torch.equal(x1, x2) and all(torch.equal(a["boxes"], b["boxes"]) for a, b in zip(y1, y2, strict=True))
+
+
+@pytest.mark.slow
+def test_a_detector_trains_from_packed_scenes(cli, packed_scenes, scenes, tmp_path) -> None:
+    run = tmp_path / "run"
+    code, _, err = cli("train", packed_scenes, "--out", run, "--epochs", "1", "--no-progress")
+    assert code == 0, err
+    config, metrics = (json.loads((run / name).read_text()) for name in ("config.json", "metrics.json"))
+    assert config["task"] == "detect" and config["data"]["packed_from"] == str(scenes)
+    assert config["data"]["n_train"] == 108 and "map_50" in metrics["metrics"] and "map_50" in metrics["baseline"]
+    assert (run / "report.html").is_file()
+    code, _, err = cli("evaluate", run, packed_scenes)  # raw files are needed: the pack names them
+    assert code == 2 and f"give the data it was packed from ({scenes})" in err
+
+
 @pytest.mark.slow
 def test_a_detector_overfits_a_handful_of_scenes(tmp_path) -> None:
     """FCOS on the resnet_s backbone learns 8 scenes to mAP@0.5 >= 0.95 (no augmentation)."""

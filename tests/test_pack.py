@@ -104,11 +104,8 @@ def test_pack_refuses_what_it_cannot_do_and_names_it(packed, tmp_path, fashion_t
     (tmp_path / "corrupt" / "train-00000.safetensors").write_bytes(b"not a shard")
     code, _, err = cli("train", tmp_path / "corrupt", "--out", tmp_path / "run", "--no-progress")
     assert code == 2 and "train-00000.safetensors" in err and "not a readable shard" in err
-    scenes = tmp_path / "scenes"
-    scenes.mkdir()
-    (scenes / "annotations.json").write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
-    code, _, err = cli("pack", scenes, "--out", tmp_path / "s", "--task", "detect")
-    assert code == 2 and "classify" in err
+    code, _, err = cli("pack", fashion_train, "--out", tmp_path / "s", "--task", "transcribe")
+    assert code == 2 and "available for classify, detect, fold, generate data so far" in err
 
 
 def test_bad_files_are_named_in_the_index_and_the_rest_is_packed(fashion_train, tmp_path, cli):

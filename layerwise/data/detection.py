@@ -25,6 +25,7 @@ import numpy as np
 import yaml
 from PIL import Image, UnidentifiedImageError
 
+from layerwise.data.shards import refuse_pack
 from layerwise.data.sources import IMAGE_EXTENSIONS, Problem, problems_note
 from layerwise.errors import InputError
 
@@ -91,6 +92,7 @@ def read_detection(data: Path) -> DetectionSource:
     data = Path(data)
     if not data.exists():
         raise InputError(f"{data}: no such file or directory")
+    refuse_pack(data)
     if data.is_file():
         if data.suffix.lower() != ".json":
             raise InputError(f"{data}: expected a COCO .json file or a folder")

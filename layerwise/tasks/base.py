@@ -155,7 +155,7 @@ class PackOptions:
     modality: str | None
     val_fraction: float
     seed: int
-    shard_size: int  # examples per shard, where a task cuts its data into shards
+    shard_size: int | None  # examples per shard, where a task cuts its data into shards; None: the task's default
 
 
 def default_batch_size(n_train: int) -> int:

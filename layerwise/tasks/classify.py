@@ -24,7 +24,15 @@ from torch import nn
 
 from layerwise.data.batches import TensorBatches
 from layerwise.data.frontend import FrontEnd, fit_frontend, frontend_from_json
-from layerwise.data.shards import ShardBatches, is_shard_folder, load_shard, load_split, read_pack, write_shards
+from layerwise.data.shards import (
+    DEFAULT_SHARD_SIZE,
+    ShardBatches,
+    is_shard_folder,
+    load_shard,
+    load_split,
+    read_pack,
+    write_shards,
+)
 from layerwise.data.sources import Example, Problem, Source, check_trainable, discover, discover_files, problems_note
 from layerwise.errors import InputError
 from layerwise.models.registry import Pretrained, model_entry
@@ -247,12 +255,13 @@ class ClassifyTask(CrossEntropyObjective):
         source = discover(data, options.modality)
         train_examples, val_examples = stratified_split(source.examples, options.val_fraction, options.seed)
         frontend = fit_frontend(source.modality, train_examples)
+        shard_size = options.shard_size or DEFAULT_SHARD_SIZE
         shards, kept, problems = write_shards(
             staging,
             {"train": train_examples, "val": val_examples},
             source.class_names,
             frontend,
-            options.shard_size,
+            shard_size,
             options.seed,
             log,
         )
@@ -269,7 +278,7 @@ class ClassifyTask(CrossEntropyObjective):
             "modality": source.modality, "source": str(source.root), "units": "examples",
             "preprocessing": frontend.to_json(), "class_labels": source.class_names,
             "n_train": len(kept["train"]), "n_val": len(kept["val"]), "val_fraction": options.val_fraction,
-            "seed": options.seed, "shard_size": options.shard_size, "shards": shards,
+            "seed": options.seed, "shard_size": shard_size, "shards": shards,
             "fingerprint": fingerprint(
                 [f"{split} {example_key(e, source.root)}" for split, examples in kept.items() for e in examples]
             ),

@@ -19,11 +19,12 @@ import torch
 from torch import nn
 
 from layerwise.data.boxes import BoxBatches, choose_side, letterbox, normalise
+from layerwise.data.shards import load_shard, load_split, read_pack
 from layerwise.data.sources import Problem, discover_files
 from layerwise.errors import DecodeError, InputError
 from layerwise.models.registry import model_entry
 from layerwise.runtime import model_device
-from layerwise.tasks.base import FitOptions, Prepared, RunMismatch, fingerprint, result_rows
+from layerwise.tasks.base import FitOptions, PackOptions, Prepared, RunMismatch, fingerprint, result_rows
 
 DEFAULT_MODEL = "fcos_resnet_s"
 # Batch 16 at peak learning rate 2e-3 learned fastest in a fixed CPU time on the composed scenes: after
@@ -35,6 +36,7 @@ DEFAULT_THRESHOLD = 0.3  # detections below this confidence are not reported by 
 REPORT_IMAGES = 12
 STATS_SAMPLE = 500  # images the per-channel mean/std are measured on
 MAX_BASELINE_IMAGES = 600  # training images the HOG + SVM baseline is fitted on
+SHARD_BYTES = 256 << 20  # a packed shard's letterboxed images: 341 at side 512, 5,461 at side 128
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,10 @@ class DetectTask:
     @classmethod
     def prepare(cls, data: Path, options: FitOptions, saved: dict | None = None, donor=None, log=print) -> Prepared:
         from layerwise.data.detection import read_detection
+        from layerwise.data.shards import is_shard_folder
 
+        if is_shard_folder(data):
+            return cls.prepare_packed(data, options, saved, log)
         source = read_detection(Path(data))
         log(
             f"{source.root}: {len(source.images)} images ({source.format}), {len(source.class_names)} classes, "
@@ -165,9 +170,7 @@ class DetectTask:
         }  # fmt: skip
         if saved is not None and saved["data"].get("fingerprint") not in (None, data_summary["fingerprint"]):
             raise RunMismatch(f"--resume: the images under {root} differ from the ones the run started on")
-        model_name = options.model or DEFAULT_MODEL
-        if "detect" not in model_entry(model_name).tasks:
-            raise InputError(f"--model {model_name} is not a detector (detectors: fcos_resnet_s, fcos_resnet_m)")
+        model_name = detector_name(options)
         batch = min(MAX_BATCH, options.batch_size or MAX_BATCH)
         task = cls(prep, source.class_names)
 
@@ -195,6 +198,111 @@ class DetectTask:
                 "val_images": [val_images[i] for i in val_kept],
                 "decode_seconds": decode_seconds,
                 "split": f"validation: {options.val_fraction:.0%} of the images, seed {options.seed} "
+                "(also used for early stopping)",
+            },  # fmt: skip
+        )
+
+    @classmethod
+    def pack_into(cls, data: Path, staging: Path, options: PackOptions, log=print) -> dict:
+        """`layerwise pack` for detection: the split by image and the letterbox side decided as `train` decides
+        them, the letterboxed images in shards of `shard_size`, each split's boxes in one targets file."""
+        from layerwise.data.boxes import write_box_shards
+        from layerwise.data.detection import read_detection
+
+        if options.modality not in (None, "image"):
+            raise InputError(f"--modality {options.modality}: detection learns from images")
+        source = read_detection(Path(data))
+        train_images, val_images = split_images(source.images, options.val_fraction, options.seed)
+        if not val_images or not train_images:
+            raise InputError(f"{source.root}: too few usable images to hold some out for validation")
+        prep = DetectPreprocessing(choose_side([(im.width, im.height) for im in source.images]))
+        shard_size = options.shard_size or max(1, SHARD_BYTES // (3 * prep.side**2))
+        shards, kept, problems = [], {}, list(source.problems)
+        for split, images in (("train", train_images), ("val", val_images)):
+            written = write_box_shards(staging, split, images, prep.side, shard_size, options.seed, log)
+            shards += written[0]
+            kept[split] = [images[i] for i in written[1]]
+            problems += written[3]
+        if not kept["train"] or not kept["val"]:
+            raise InputError(f"{source.root}: nothing usable is left to train on ({len(problems)} problems)")
+        # Statistics from the first training shard: a random sample of the training images.
+        first_train = next(shard for shard in shards if shard["split"] == "train")
+        prep = fit_statistics(prep, load_shard(staging, first_train)[0])
+        root = source.root
+        return {
+            "modality": "image", "source": str(root), "annotation_format": source.format, "units": "images",
+            "preprocessing": asdict(prep), "class_labels": source.class_names, "counts": source.counts,
+            "n_train": len(kept["train"]), "n_val": len(kept["val"]), "val_fraction": options.val_fraction,
+            "seed": options.seed, "shard_size": shard_size, "shards": shards,
+            "fingerprint": fingerprint(
+                [f"{split} {os.path.relpath(image.path, root)}" for split, images in kept.items() for image in images]
+            ),
+            "val_images": [{"path": str(image.path), "width": image.width, "height": image.height}
+                           for image in kept["val"]],
+            "skipped": [p.to_json() for p in problems],
+        }  # fmt: skip
+
+    @classmethod
+    def prepare_packed(cls, data: Path, options: FitOptions, saved: dict | None, log=print) -> Prepared:
+        """Training data `layerwise pack` wrote: the training images are streamed from their shards; the validation
+        images and a sample of training images (for the classical baseline) are read into memory."""
+        from layerwise.data.boxes import ShardBoxBatches, read_box_targets
+        from layerwise.data.detection import AnnotatedImage
+
+        index = read_pack(data, "detect", options.val_fraction, log)
+        if options.modality not in (None, "image"):
+            raise InputError(f"--modality {options.modality}: {data} holds packed images")
+        class_names = list(index["class_labels"])
+        if saved is not None and list(saved["class_labels"]) != class_names:
+            raise RunMismatch(f"--resume: {data} has classes {', '.join(class_names)}; the run was trained on "
+                              f"{', '.join(saved['class_labels'])}")  # fmt: skip
+        if saved is not None and saved["data"].get("fingerprint") not in (None, index["fingerprint"]):
+            raise RunMismatch(f"--resume: the images packed in {data} differ from the ones the run started on")
+        p = saved["preprocessing"] if saved is not None else index["preprocessing"]
+        prep = DetectPreprocessing(p["side"], tuple(p["mean"]), tuple(p["std"]))
+        train_shards = [shard for shard in index["shards"] if shard["split"] == "train"]
+        val_shards = [shard for shard in index["shards"] if shard["split"] == "val"]
+        train_targets = read_box_targets(data, "train", index["n_train"])
+        val_targets = read_box_targets(data, "val", index["n_val"])
+        val_pixels, val_rows = load_split(data, val_shards)
+        val_targets = [val_targets[r] for r in val_rows.tolist()]
+        sample_pixels, sample_rows = load_split(data, train_shards, limit=MAX_BASELINE_IMAGES)
+        no_boxes = np.zeros((0, 4), np.float32), np.zeros(0, np.int64)  # the report reads only path and size
+        val_images = [AnnotatedImage(Path(im["path"]), im["width"], im["height"], *no_boxes)
+                      for im in index["val_images"]]  # fmt: skip
+        problems = [Problem(p["path"], p["reason"]) for p in index["skipped"]]
+        log(f"{data}: {index['n_train']} + {index['n_val']} packed images in {len(index['shards'])} shards, "
+            f"{len(class_names)} classes, side {prep.side}")  # fmt: skip
+        data_summary = {
+            "source": str(data), "packed_from": index["source"], "format": index["annotation_format"],
+            "n_train": index["n_train"], "n_val": index["n_val"], "n_skipped": len(problems),
+            "val_fraction": index["val_fraction"], "counts": index["counts"], "fingerprint": index["fingerprint"],
+        }  # fmt: skip
+        batch = min(MAX_BATCH, options.batch_size or MAX_BATCH)
+
+        def train_batches(size: int) -> ShardBoxBatches:
+            return ShardBoxBatches(data, train_shards, size, train_targets, prep.mean, prep.std, augment=True,
+                                   shuffle=True, seed=options.seed)  # fmt: skip
+
+        return Prepared(
+            task=cls(prep, class_names),
+            train_batches=train_batches(batch),
+            batches_of=train_batches,
+            val_batches=BoxBatches(val_pixels, val_targets, EVAL_BATCH, prep.mean, prep.std),
+            model_name=detector_name(options),
+            model_config={"num_classes": len(class_names), "side": prep.side},
+            data_summary=data_summary,
+            problems=problems,
+            batch_size=batch,
+            lr=DEFAULT_LR,
+            extras={
+                "train_pixels": sample_pixels,  # a sample: the classical baseline fits on it
+                "train_targets": [train_targets[r] for r in sample_rows.tolist()],
+                "val_pixels": val_pixels,
+                "val_targets": val_targets,
+                "val_images": val_images,
+                "decode_seconds": 0.0,
+                "split": f"validation: {index['val_fraction']:.0%} of the images, fixed when {data} was packed "
                 "(also used for early stopping)",
             },  # fmt: skip
         )
@@ -408,6 +516,14 @@ class DetectTask:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def detector_name(options: FitOptions) -> str:
+    """--model, or the default detector; an error for a model without a detection head."""
+    model_name = options.model or DEFAULT_MODEL
+    if "detect" not in model_entry(model_name).tasks:
+        raise InputError(f"--model {model_name} is not a detector (detectors: fcos_resnet_s, fcos_resnet_m)")
+    return model_name
 
 
 def split_images(images: list, val_fraction: float, seed: int) -> tuple[list, list]:

@@ -410,8 +410,11 @@ class Corpus:
     val_text: Callable[[], Iterable[str]]  # the validation texts, one at a time
 
 
-def raw_corpus(data: Path, options: FitOptions, saved: dict | None, donor, log=print) -> Corpus:
-    """Documents under `data`: split, tokenizer trained (or restored, or the --init run's), tokenised to scratch."""
+def raw_corpus(
+    data: Path, options: FitOptions, saved: dict | None, donor, log=print, token_files: dict[str, Path] | None = None
+) -> Corpus:
+    """Documents under `data`: split, tokenizer trained (or restored, or the --init run's), tokenised to scratch
+    files, or into `token_files` ({"train": path, "val": path}: a pack's, kept)."""
     documents, problems = find_documents(data)
     found = survey(documents, options.val_fraction)
     problems += found.problems
@@ -434,10 +437,15 @@ def raw_corpus(data: Path, options: FitOptions, saved: dict | None, donor, log=p
         "n_replaced_bytes": found.replaced, "val_fraction": options.val_fraction, "split_rule": split.rule,
         "fingerprint": found.fingerprint,
     }  # fmt: skip
+
+    def tokens(name: str, texts: Iterable[str]) -> np.ndarray:
+        if token_files is not None:
+            return write_tokens(tokenizer, texts, token_files[name])
+        return _mapped_tokens(tokenizer, texts, name)
+
     return Corpus(
-        tokenizer, _mapped_tokens(tokenizer, read_pieces(split.train), "train"),
-        _mapped_tokens(tokenizer, read_pieces(split.val), "val"), summary, problems,
-        lambda max_chars=None: read_pieces(split.train, max_chars), lambda: read_pieces(split.val),
+        tokenizer, tokens("train", read_pieces(split.train)), tokens("val", read_pieces(split.val)), summary,
+        problems, lambda max_chars=None: read_pieces(split.train, max_chars), lambda: read_pieces(split.val),
     )  # fmt: skip
 
 
@@ -451,17 +459,13 @@ def pack_corpus(data: Path, staging: Path, val_fraction: float, seed: int, log=p
     once (a corpus is tokenised once, not at every run), the n-gram baseline's training text (its first
     MAX_BASELINE_BYTES) and the validation texts (JSON lines). Returns index.json's task entries."""
     options = FitOptions(val_fraction=val_fraction, seed=seed)
-    corpus = raw_corpus(data, options, None, None, log)
+    token_files = {split: staging / name for split, name in PACKED_TOKENS.items()}
+    corpus = raw_corpus(data, options, None, None, log, token_files)  # tokenised straight into the pack
     if len(corpus.train_tokens) < MIN_CONTEXT + 2 or len(corpus.val_tokens) < 2:
         raise InputError(
             f"{data}: too little text to pack ({len(corpus.train_tokens)} training and {len(corpus.val_tokens)} "
             "validation tokens); give more text"
         )
-    paths = {split: staging / name for split, name in PACKED_TOKENS.items()}
-    for split, tokens in (("train", corpus.train_tokens), ("val", corpus.val_tokens)):
-        with open(paths[split], "wb") as f:
-            for start in range(0, len(tokens), 1 << 24):  # in slices: the stream may be larger than memory
-                f.write(np.asarray(tokens[start : start + (1 << 24)]).tobytes())
     text = "\n".join(corpus.train_text(MAX_BASELINE_BYTES)).encode()[:MAX_BASELINE_BYTES]
     (staging / PACKED_BASELINE_TEXT).write_bytes(text)
     with open(staging / PACKED_VAL_TEXT, "w") as f:
