@@ -187,7 +187,7 @@ def test_packed_scenes_hold_each_image_letterboxed_with_its_boxes(packed_scenes,
         assert torch.equal(boxes, raw_boxes) and torch.equal(labels, raw_labels)
 
 
-def test_packed_batches_bring_each_image_with_its_own_boxes_and_resume_mid_epoch(packed_scenes) -> None:
+def test_packed_batches_bring_each_image_with_its_own_boxes_and_resume_mid_epoch_from_workers_too(packed_scenes):
     from layerwise.data.boxes import ShardBoxBatches, read_box_targets
     from layerwise.data.shards import load_split, read_index
 
@@ -207,10 +207,14 @@ def test_packed_batches_bring_each_image_with_its_own_boxes_and_resume_mid_epoch
     assert seen[:16] != sorted(seen[:16])  # shuffled
     augmented = ShardBoxBatches(packed_scenes, train, 16, targets, (0.5,) * 3, (0.25,) * 3, augment=True,
                                 shuffle=True, seed=3)  # fmt: skip
+    streamed = augmented.streamed_to(torch.device("cpu"))
+    streamed.workers = 2  # as on a GPU machine (without pinning: no GPU here)
     whole, resumed = list(augmented.epoch(1)), list(augmented.epoch(1, start=4))
     assert len(resumed) == len(whole) - 4
-    for (x1, y1), (x2, y2) in zip(whole[4:], resumed, strict=True):
-        assert torch.equal(x1, x2) and all(torch.equal(a["boxes"], b["boxes"]) for a, b in zip(y1, y2, strict=True))
+    for (x1, y1), (x2, y2), (x3, y3) in zip(whole[4:], resumed, streamed.epoch(1, start=4), strict=True):
+        assert torch.equal(x1, x2) and torch.equal(x1, x3)
+        assert all(torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["boxes"], c["boxes"])
+                   for a, b, c in zip(y1, y2, y3, strict=True))  # fmt: skip
 
 
 @pytest.mark.slow
