@@ -287,7 +287,7 @@ def pack_command(
     out: Annotated[Path, typer.Option("--out", help="A new folder for the shards and index.json.")],
     task: Annotated[
         str | None,
-        typer.Option(help="What the data is for (default: detected; classify, detect, generate or fold so far)."),
+        typer.Option(help="What the data is for (default: detected; classify, detect, generate, fold, transcribe)."),
     ] = None,
     modality: Annotated[str | None, typer.Option(help="image, audio or text (default: detected).")] = None,
     val_fraction: Annotated[

@@ -42,7 +42,7 @@ def pack(
     pack_into = getattr(task_class(task), "pack_into", None)
     if pack_into is None:
         raise InputError(
-            f"--task {task}: packing into shards is available for {', '.join(packable_tasks())} data so far"
+            f"--task {task}: packing is for training data ({', '.join(packable_tasks())})"
         )
     if not 0 < val_fraction < 0.5:
         raise InputError(f"--val-fraction must be between 0 and 0.5, not {val_fraction}")

@@ -104,8 +104,8 @@ def test_pack_refuses_what_it_cannot_do_and_names_it(packed, tmp_path, fashion_t
     (tmp_path / "corrupt" / "train-00000.safetensors").write_bytes(b"not a shard")
     code, _, err = cli("train", tmp_path / "corrupt", "--out", tmp_path / "run", "--no-progress")
     assert code == 2 and "train-00000.safetensors" in err and "not a readable shard" in err
-    code, _, err = cli("pack", fashion_train, "--out", tmp_path / "s", "--task", "transcribe")
-    assert code == 2 and "available for classify, detect, fold, generate data so far" in err
+    code, _, err = cli("pack", fashion_train, "--out", tmp_path / "s", "--task", "pretrain")
+    assert code == 2 and "packing is for training data (classify, detect, fold, transcribe, generate)" in err
 
 
 def test_bad_files_are_named_in_the_index_and_the_rest_is_packed(fashion_train, tmp_path, cli):

@@ -213,6 +213,27 @@ def test_a_recogniser_learns_a_dozen_real_clips_to_cer_zero(speech_demo) -> None
 
 
 @pytest.mark.slow
+def test_packed_clips_train_to_the_weights_of_the_files(cli, speech_demo, speech_run, tmp_path) -> None:
+    # The clips decoded once into one mapped file, the split and alphabet fixed in the pack: training from it must
+    # be training on the files.
+    from safetensors.torch import load_file
+
+    code, _, err = cli("pack", speech_demo.train_manifest, "--out", tmp_path / "packed")  # the task is detected
+    assert code == 0, err
+    index = json.loads((tmp_path / "packed" / "index.json").read_text())
+    assert (index["task"], index["units"]) == ("transcribe", "clips")
+    code, _, err = cli("train", tmp_path / "packed", "--out", tmp_path / "run", *TRAIN_ARGS)
+    assert code == 0, err
+    a, b = load_file(str(tmp_path / "run" / "model.safetensors")), load_file(str(speech_run / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["data"]["packed_from"] == str(speech_demo.train_manifest)
+    assert config["data"]["fingerprint"] == json.loads((speech_run / "config.json").read_text())["data"]["fingerprint"]
+    code, _, err = cli("evaluate", tmp_path / "run", tmp_path / "packed")  # raw files are needed: the pack names them
+    assert code == 2 and f"give the data it was packed from ({speech_demo.train_manifest})" in err
+
+
+@pytest.mark.slow
 def test_a_killed_transcribe_run_resumes_bitwise_identical(speech_demo, speech_run, tmp_path) -> None:
     from safetensors.torch import load_file
 

@@ -378,7 +378,7 @@ def log_mel_batch(waves: list[np.ndarray], n_mels: int = N_MELS) -> tuple[torch.
     longest = max(int(n_samples.max()), 1)
     batch = torch.zeros(len(waves), longest)
     for i, wave in enumerate(waves):
-        batch[i, : len(wave)] = torch.from_numpy(np.asarray(wave, dtype=np.float32))
+        batch[i, : len(wave)].numpy()[:] = wave  # through numpy: a packed clip is a read-only mapped view
     # Zeros, not a reflection, beyond each end: a clip's frames are the same in any batch.
     window = torch.hann_window(N_FFT)
     spec = torch.stft(batch, N_FFT, HOP_LENGTH, window=window, center=True, pad_mode="constant", return_complex=True)

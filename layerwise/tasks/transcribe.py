@@ -10,6 +10,7 @@ computed with torchmetrics, never by hand.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections import Counter
@@ -26,7 +27,7 @@ from layerwise.data.speech import NORMALISATION_RULES, SAMPLE_RATE, Alphabet, Ut
 from layerwise.errors import DecodeError, InputError
 from layerwise.models.registry import model_entry
 from layerwise.runtime import model_device
-from layerwise.tasks.base import FitOptions, Prepared, RunMismatch, fingerprint
+from layerwise.tasks.base import FitOptions, PackOptions, Prepared, RunMismatch, fingerprint
 
 if TYPE_CHECKING:
     from layerwise.serve.export import Graph
@@ -135,42 +136,18 @@ class TranscribeTask:
 
     @classmethod
     def prepare(cls, data: Path, options: FitOptions, saved: dict | None = None, donor=None, log=print) -> Prepared:
+        from layerwise.data.shards import is_shard_folder
         from layerwise.data.speech_batches import SpeechBatches
 
         started = time.perf_counter()
-        manifest = find_speech_manifest(Path(data))
-        if manifest is None:
-            raise InputError(f"{data}: no speech manifest (a CSV with `path` and `text`, a folder with manifest.csv, "
-                             "or metadata.csv with `file_name` and `transcription`)")  # fmt: skip
-        clips, problems, info = load_clips(manifest, None if saved is None else saved["preprocessing"]["max_seconds"])
-        log(f"{manifest}: {info['rows']} rows, {len(clips)} usable clips"
-            + (f" in {len(info['languages'])} languages ({', '.join(info['languages'])})"
-               if info["languages"] else ""))  # fmt: skip
-        if info.get("unknown_characters"):
-            shown = " ".join(f"{c!r}×{n}" for c, n in list(info["unknown_characters"].items())[:10])
-            log(f"note: transcripts hold characters outside every known script (kept): {shown}")
-        if len(clips) < MIN_CLIPS:
-            raise InputError(f"{manifest}: {len(clips)} usable clip(s); at least {MIN_CLIPS} are needed"
-                             + "".join(f"\n  {p.origin}: {p.reason}" for p in problems[:10]))  # fmt: skip
-        utterances = [u for u, _ in clips]
-        if saved is not None:
-            alphabet = Alphabet.from_json(saved["preprocessing"]["alphabet"])
-            max_seconds = float(saved["preprocessing"]["max_seconds"])
-        else:
-            alphabet = Alphabet.fit([u.text for u in utterances], info["languages"])
-            max_seconds = info["max_seconds"]
-        train_index, val_index, split_rule = split_clips(utterances, options.val_fraction, options.seed)
-        log(f"split: {len(train_index)} training, {len(val_index)} validation clips; {split_rule}")
-        data_summary = {
-            "source": str(manifest), "format": "speech manifest", "n_train": len(train_index), "n_val": len(val_index),
-            "n_skipped": len(problems), "val_fraction": options.val_fraction, "split": split_rule,
-            "languages": list(alphabet.languages), "max_seconds": max_seconds,
-            "unknown_characters": info.get("unknown_characters", {}), "duplicates": info.get("duplicates", 0),
-            "hours": round(sum(len(w) for _, w in clips) / SAMPLE_RATE / 3600, 3),
-            "fingerprint": fingerprint([f"{u.origin} {u.path} {u.text} {u.language}" for u in utterances]),
-        }  # fmt: skip
+        clips = (
+            packed_clips(data, options, saved, log) if is_shard_folder(data) else raw_clips(data, options, saved, log)
+        )
+        utterances, waves, alphabet, max_seconds = clips.utterances, clips.waves, clips.alphabet, clips.max_seconds
+        train_index, val_index, split_rule = clips.train_index, clips.val_index, clips.split_rule
+        data_summary = clips.summary | {"n_train": len(train_index), "n_val": len(val_index)}
         if saved is not None and saved["data"].get("fingerprint") not in (None, data_summary["fingerprint"]):
-            raise RunMismatch(f"--resume: the clips of {manifest} differ from the ones the run started on")
+            raise RunMismatch(f"--resume: the clips of {data} differ from the ones the run started on")
         model_name = options.model or DEFAULT_MODEL
         entry = model_entry(model_name)
         if "transcribe" not in entry.tasks:
@@ -179,7 +156,6 @@ class TranscribeTask:
         task = cls(alphabet, max_seconds)
         tokens = [alphabet.encode(u.text) for u in utterances]
         language_ids = [task.language_id(u.language) for u in utterances]
-        waves = [w for _, w in clips]
 
         def batches(index: list[int], **kwargs) -> SpeechBatches:
             pick = lambda values: [values[i] for i in index]  # noqa: E731
@@ -204,7 +180,7 @@ class TranscribeTask:
                 "max_text_tokens": max(len(t) for t in tokens) * 2 + 8,
             },  # fmt: skip
             data_summary=data_summary,
-            problems=problems,
+            problems=clips.problems,
             batch_size=batch,
             lr=DEFAULT_LR,
             patience=PATIENCE,
@@ -215,6 +191,13 @@ class TranscribeTask:
                 "split": f"validation: {split_rule}; {len(val_index)} clips (also used for early stopping)",
             },
         )
+
+    @classmethod
+    def pack_into(cls, data: Path, staging: Path, options: PackOptions, log=print) -> dict:
+        """`layerwise pack` for transcription (see `pack_clips`); one waveform file, whatever shard_size."""
+        if options.modality not in (None, "audio"):
+            raise InputError(f"--modality {options.modality}: transcription learns from audio")
+        return pack_clips(data, staging, options, log)
 
     def language_id(self, language: str | None) -> int:
         return self.alphabet.languages.index(language) if language in self.alphabet.languages else -1
@@ -548,10 +531,141 @@ class TranscribeTask:
 # ---------------------------------------------------------------------- helpers
 
 
+@dataclass
+class SpeechClips:
+    """What a transcribe run is prepared from, read from a manifest's files or from a pack."""
+
+    utterances: list[Utterance]
+    waves: list[np.ndarray]  # float32 at SAMPLE_RATE, one per utterance (views of one mapped file for a pack)
+    problems: list[Problem]
+    alphabet: Alphabet
+    max_seconds: float
+    train_index: list[int]
+    val_index: list[int]
+    split_rule: str
+    summary: dict  # config.json's "data", less the split's sizes
+
+
+def raw_clips(data: Path, options: FitOptions, saved: dict | None, log=print) -> SpeechClips:
+    """The clips of a speech manifest, decoded; the alphabet fitted (or the resumed run's) and the split made."""
+    manifest = find_speech_manifest(Path(data))
+    if manifest is None:
+        raise InputError(f"{data}: no speech manifest (a CSV with `path` and `text`, a folder with manifest.csv, "
+                         "or metadata.csv with `file_name` and `transcription`)")  # fmt: skip
+    clips, problems, info = load_clips(manifest, None if saved is None else saved["preprocessing"]["max_seconds"])
+    log(f"{manifest}: {info['rows']} rows, {len(clips)} usable clips"
+        + (f" in {len(info['languages'])} languages ({', '.join(info['languages'])})"
+           if info["languages"] else ""))  # fmt: skip
+    if info.get("unknown_characters"):
+        shown = " ".join(f"{c!r}×{n}" for c, n in list(info["unknown_characters"].items())[:10])
+        log(f"note: transcripts hold characters outside every known script (kept): {shown}")
+    if len(clips) < MIN_CLIPS:
+        raise InputError(f"{manifest}: {len(clips)} usable clip(s); at least {MIN_CLIPS} are needed"
+                         + "".join(f"\n  {p.origin}: {p.reason}" for p in problems[:10]))  # fmt: skip
+    utterances = [u for u, _ in clips]
+    if saved is not None:
+        alphabet = Alphabet.from_json(saved["preprocessing"]["alphabet"])
+        max_seconds = float(saved["preprocessing"]["max_seconds"])
+    else:
+        alphabet = Alphabet.fit([u.text for u in utterances], info["languages"])
+        max_seconds = info["max_seconds"]
+    train_index, val_index, split_rule = split_clips(utterances, options.val_fraction, options.seed)
+    log(f"split: {len(train_index)} training, {len(val_index)} validation clips; {split_rule}")
+    summary = {
+        "source": str(manifest), "format": "speech manifest", "n_skipped": len(problems),
+        "val_fraction": options.val_fraction, "split": split_rule, "languages": list(alphabet.languages),
+        "max_seconds": max_seconds, "unknown_characters": info.get("unknown_characters", {}),
+        "duplicates": info.get("duplicates", 0), "hours": round(sum(len(w) for _, w in clips) / SAMPLE_RATE / 3600, 3),
+        "fingerprint": fingerprint([f"{u.origin} {u.path} {u.text} {u.language}" for u in utterances]),
+    }  # fmt: skip
+    waves = [w for _, w in clips]
+    return SpeechClips(utterances, waves, problems, alphabet, max_seconds, train_index, val_index, split_rule, summary)
+
+
+# The files of packed speech (besides index.json): every clip's samples end to end, where each one is and the
+# split (offsets, lengths, train_index, val_index), and each clip's transcript (JSON lines).
+PACKED_WAVES, PACKED_CLIPS, PACKED_UTTERANCES = "waves.f32", "clips.safetensors", "utterances.jsonl"
+
+
+def pack_clips(data: Path, staging: Path, options: PackOptions, log=print) -> dict:
+    """`layerwise pack DATA --task transcribe`: the clips decoded (resampled to 16 kHz) once, as `train` would
+    decode them, into one float32 file, with the alphabet, the split and the transcripts. Returns index.json's
+    task entries."""
+    from safetensors.torch import save_file
+
+    clips = raw_clips(data, FitOptions(val_fraction=options.val_fraction, seed=options.seed), None, log)
+    lengths = np.array([len(w) for w in clips.waves], dtype=np.int64)
+    with open(staging / PACKED_WAVES, "wb") as f:
+        for wave in clips.waves:
+            f.write(np.ascontiguousarray(wave, dtype=np.float32).tobytes())
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    save_file({
+        "offsets": torch.from_numpy(offsets), "lengths": torch.from_numpy(lengths),
+        "train_index": torch.tensor(clips.train_index, dtype=torch.int64),
+        "val_index": torch.tensor(clips.val_index, dtype=torch.int64),
+    }, str(staging / PACKED_CLIPS))  # fmt: skip
+    with open(staging / PACKED_UTTERANCES, "w") as f:
+        for u in clips.utterances:
+            row = {"origin": u.origin, "path": str(u.path), "text": u.text, "language": u.language}
+            f.write(json.dumps(row | {"speaker": u.speaker}, ensure_ascii=False) + "\n")
+    task = TranscribeTask(clips.alphabet, clips.max_seconds)
+    return {
+        **task.to_json(), "source": clips.summary["source"], "units": "clips", "n_train": len(clips.train_index),
+        "n_val": len(clips.val_index), "val_fraction": options.val_fraction, "seed": options.seed,
+        "summary": clips.summary,
+        "shards": [{"file": name, "split": "all", "count": count} for name, count in (
+            (PACKED_WAVES, int(lengths.sum())), (PACKED_CLIPS, len(lengths)), (PACKED_UTTERANCES, len(lengths)))],
+        "skipped": [p.to_json() for p in clips.problems],
+    }  # fmt: skip
+
+
+def packed_clips(data: Path, options: FitOptions, saved: dict | None, log=print) -> SpeechClips:
+    """A folder `pack_clips` wrote: its waveform file mapped (a clip is read when a batch takes it), its split."""
+    from safetensors.torch import load_file
+
+    from layerwise.data.shards import read_pack
+
+    index = read_pack(data, "transcribe", options.val_fraction, log)
+    preprocessing = saved["preprocessing"] if saved is not None else index["preprocessing"]
+    alphabet, max_seconds = Alphabet.from_json(preprocessing["alphabet"]), float(preprocessing["max_seconds"])
+    waves_path, clips_path = Path(data) / PACKED_WAVES, Path(data) / PACKED_CLIPS
+    counts = {shard["file"]: shard["count"] for shard in index["shards"]}
+    n_samples = counts[PACKED_WAVES]
+    try:
+        with open(Path(data) / PACKED_UTTERANCES) as f:
+            utterances = [json.loads(line) for line in f]
+    except (OSError, ValueError) as err:
+        raise InputError(f"{Path(data) / PACKED_UTTERANCES}: not readable ({err}); pack it again") from err
+    if waves_path.stat().st_size != 4 * n_samples:
+        raise InputError(f"{waves_path}: {waves_path.stat().st_size} bytes, index.json expects {4 * n_samples}; "
+                         "pack it again")  # fmt: skip
+    try:
+        where = load_file(str(clips_path))
+    except (OSError, ValueError) as err:
+        raise InputError(f"{clips_path}: not a readable clip table ({err}); pack it again") from err
+    n_clips = counts[PACKED_CLIPS]
+    if not len(utterances) == n_clips == len(where.get("lengths", ())) or int(where["lengths"].sum()) != n_samples:
+        raise InputError(f"{clips_path}: does not list the {n_clips} clips index.json holds; pack it again")
+    samples = np.memmap(waves_path, dtype=np.float32, mode="r", shape=(n_samples,))
+    waves = [samples[a : a + n] for a, n in zip(where["offsets"].tolist(), where["lengths"].tolist(), strict=True)]
+    utterances = [Utterance(u["origin"], Path(u["path"]), u["text"], u["language"], u["speaker"]) for u in utterances]
+    problems = [Problem(p["path"], p["reason"]) for p in index["skipped"]]
+    log(f"{data}: {index['n_train']:,} + {index['n_val']:,} packed clips, {index['summary']['hours']} hours")
+    summary = index["summary"] | {"source": str(data), "packed_from": index["source"]}
+    return SpeechClips(
+        utterances, waves, problems, alphabet, max_seconds, where["train_index"].tolist(), where["val_index"].tolist(),
+        index["summary"]["split"], summary,
+    )  # fmt: skip
+
+
 def find_speech_manifest(data: Path) -> Path | None:
-    """DATA itself when it is a CSV with `path` and `text` columns, or the folder's manifest.csv / metadata.csv."""
+    """DATA itself when it is a CSV with `path` and `text` columns, or the folder's manifest.csv / metadata.csv.
+    A pack is refused: where this is asked, raw files are read."""
     import csv
 
+    from layerwise.data.shards import refuse_pack
+
+    refuse_pack(data)
     candidates = [data] if data.is_file() else [data / "manifest.csv", data / "metadata.csv"]
     for candidate in candidates:
         if candidate.is_file() and candidate.suffix.lower() == ".csv":
