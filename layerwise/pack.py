@@ -41,9 +41,7 @@ def pack(
     task = task or detect_task(data)
     pack_into = getattr(task_class(task), "pack_into", None)
     if pack_into is None:
-        raise InputError(
-            f"--task {task}: packing is for training data ({', '.join(packable_tasks())})"
-        )
+        raise InputError(f"--task {task}: packing is for training data ({', '.join(packable_tasks())})")
     if not 0 < val_fraction < 0.5:
         raise InputError(f"--val-fraction must be between 0 and 0.5, not {val_fraction}")
     if shard_size is not None and shard_size < 1:

@@ -89,16 +89,42 @@ def train_toy(max_examples: int | None, batch_size: int = 16):
 def test_a_step_out_of_memory_is_retried_in_parts_and_trains_the_same_weights():
     unlimited, unlimited_result, _ = train_toy(None)
     limited, result, messages = train_toy(max_examples=5)  # 16 examples: 2 parts of 8 still fail, 4 of 4 fit
-    assert [m for m in messages if "out of cpu memory" in m] == [
+    assert [m for m in messages if "out of cpu memory" in m or "again" in m] == [
         "step 0: out of cpu memory with 16 examples at once; retrying as 2 micro-batches whose gradients add up "
         "to one step",
         "step 0: out of cpu memory with 16 examples at once; retrying as 4 micro-batches whose gradients add up "
+        "to one step",
+        # Each epoch tries parts twice as large once, and goes back to 4 when they still do not fit.
+        "epoch 2: trying 2 micro-batch(es) a step again",
+        "step 5: out of cpu memory with 16 examples at once; retrying as 4 micro-batches whose gradients add up "
+        "to one step",
+        "epoch 3: trying 2 micro-batch(es) a step again",
+        "step 10: out of cpu memory with 16 examples at once; retrying as 4 micro-batches whose gradients add up "
         "to one step",
     ]
     assert [h["micro_batches"] for h in result.history] == [4, 4, 4]
     assert result.global_step == unlimited_result.global_step == 15
     for a, b in zip(unlimited.parameters(), limited.parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_whole_batches_come_back_once_the_memory_is_free_again():
+    class MemoryFreedAfterValidation(TensorBatches):
+        """Validation batches; once the first validation starts, the device's memory is free again (as when
+        another process that held it ends)."""
+
+        def epoch(self, epoch: int, start: int = 0):
+            model.max_examples = None
+            return super().epoch(epoch, start)
+
+    inputs, labels = toy_data()
+    train_batches = TensorBatches(inputs[:80], labels[:80], 16, lambda x: x, shuffle=True, seed=0)
+    val_batches = MemoryFreedAfterValidation(inputs[80:], labels[80:], 16, lambda x: x)
+    torch.manual_seed(0)
+    model = MemoryLimited(max_examples=5)
+    config = TrainConfig(epochs=4, batch_size=16, lr=1e-2, device="cpu", precision="fp32", label_smoothing=0)
+    result = train(model, train_batches, val_batches, config, show_progress=False, log=lambda _: None)
+    assert [h.get("micro_batches", 1) for h in result.history] == [4, 2, 1, 1]  # halved each epoch, not kept
 
 
 def test_a_single_example_that_does_not_fit_is_an_error():

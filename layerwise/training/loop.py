@@ -478,7 +478,7 @@ def train_in_group(
     last_good = snapshot()  # rolled back to after repeated non-finite steps
     clock = seconds_before  # training seconds as rank 0 counts them, agreed after every step
     bad_steps = 0
-    micro_batches = 1  # doubled each time a step runs out of memory (see `accumulate`)
+    micro_batches = 1  # doubled each time a step runs out of memory (see `accumulate`), halved again each epoch
     backbone_frozen = False
     last_checkpoint = time.perf_counter()
     with _stop_requests() as stop_requests, _progress(show_progress and writes) as progress:
@@ -496,6 +496,10 @@ def train_in_group(
                 break
             trained.train()
             epoch_started, rolled_back = time.perf_counter(), False
+            if micro_batches > 1:  # the memory may have been short for a while only: try parts twice as large
+                micro_batches //= 2
+                log(f"epoch {state.epoch + 1}: trying {micro_batches} micro-batch(es) a step again")
+            most_micro_batches = micro_batches
             for x, y in train_batches.epoch(state.epoch, start=state.step_in_epoch):
                 progress_fraction = state.global_step / total_steps
                 if config.time_budget_s:  # finish the schedule when the budget runs out (rank 0's clock)
@@ -522,6 +526,7 @@ def train_in_group(
                     optimizer.zero_grad(set_to_none=True)
                     release_memory(device)
                     micro_batches *= 2
+                    most_micro_batches = max(most_micro_batches, micro_batches)
                     log(
                         f"step {state.global_step}: out of {device.type} memory with {count_examples(x)} examples at "
                         f"once; retrying as {micro_batches} micro-batches whose gradients add up to one step"
@@ -570,8 +575,8 @@ def train_in_group(
             record |= {f"train_{name}": total / seen for name, total in state.epoch_stat_sums.items()}
             record |= {f"val_{name}": value for name, value in val_metrics.items()}
             record |= {"lr": state.lr, "seconds": round(elapsed(), 2)}
-            if micro_batches > 1:  # the device's memory did not hold a whole batch at once
-                record["micro_batches"] = micro_batches
+            if most_micro_batches > 1:  # the device's memory did not hold a whole batch at once
+                record["micro_batches"] = most_micro_batches
             state.history.append(record)
             if out_dir is not None and writes:
                 with open(out_dir / "history.jsonl", "a") as f:
