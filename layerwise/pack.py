@@ -19,6 +19,8 @@ from layerwise.files import write_json
 from layerwise.tasks import TASKS, detect_task, task_class
 from layerwise.tasks.base import PackOptions
 
+CUT_INTO_SHARDS = {"classify", "detect"}  # the others pack a split (text, structures, speech) as one mapped file
+
 
 def packable_tasks() -> list[str]:
     return [name for name, task in TASKS.items() if hasattr(task, "pack_into")]
@@ -46,6 +48,8 @@ def pack(
         raise InputError(f"--val-fraction must be between 0 and 0.5, not {val_fraction}")
     if shard_size is not None and shard_size < 1:
         raise InputError(f"--shard-size must be at least 1, not {shard_size}")
+    if shard_size is not None and task not in CUT_INTO_SHARDS:
+        log(f"note: --shard-size does not apply to {task} data, which packs as one file per split")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"--out {out}: already exists and is not an empty folder; choose another")
     started = time.perf_counter()

@@ -1,7 +1,7 @@
 """Small real data the tests prepare once per session: Fashion-MNIST PNGs, espeak-ng digits, fortunes.
 
-`make test` runs the suite in two pytest-xdist workers, one per core. The data and the shared runs below are then
-built once, by whichever worker asks first, in a folder both workers see; the other waits on a file lock.
+`make test` runs the suite in pytest-xdist workers, one per core. The data and the shared runs below are then built
+once, by whichever worker asks first, in a folder every worker sees; the others wait on a file lock.
 """
 
 import os
@@ -16,9 +16,10 @@ from typer.testing import CliRunner
 from layerwise.cli import app
 from layerwise.data.datasets import prepare_fashion_mnist, prepare_fortunes, synthesize_spoken_digits
 
-# The machines have 2 cores: one torch thread in each of two workers, two threads in a lone pytest. The commands
-# the tests start get the same count, so their runs stay bitwise comparable with the ones trained in-process.
+# One torch thread in each xdist worker, two in a lone pytest (the machines have 2 cores). Fixtures built before
+# a test's own fixture runs get it too, and so do the commands the tests start: runs stay bitwise comparable.
 TORCH_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+torch.set_num_threads(TORCH_THREADS)
 os.environ["OMP_NUM_THREADS"] = str(TORCH_THREADS)
 
 
@@ -35,11 +36,18 @@ def shared_root(tmp_path_factory) -> Path:
 
 
 def built_once(shared_root: Path, name: str, build: Callable[[], Path]) -> Path:
-    """What `build` returns, built by the first worker that asks; the others wait on a lock and reuse it."""
-    built = shared_root / f"{name}.built"
+    """What `build` returns, built by the first worker that asks; the others wait on a lock and reuse it. A build
+    that failed is not tried again (its half-made files are in the way): the others fail with its error."""
+    built, failed = shared_root / f"{name}.built", shared_root / f"{name}.failed"
     with FileLock(str(shared_root / f"{name}.lock")):
+        if failed.exists():
+            raise RuntimeError(f"{name} failed to build in another worker: {failed.read_text()}")
         if not built.exists():
-            built.write_text(str(build()))
+            try:
+                built.write_text(str(build()))
+            except BaseException as err:
+                failed.write_text(repr(err))
+                raise
         return Path(built.read_text())
 
 

@@ -169,10 +169,9 @@ def packed_scenes(scenes, tmp_path_factory) -> Path:
 
 
 def test_packed_scenes_hold_each_image_letterboxed_with_its_boxes(packed_scenes, scenes) -> None:
-    from layerwise.data.boxes import read_box_targets
+    from layerwise.data.boxes import decode_annotated, read_box_targets
     from layerwise.data.detection import read_detection
     from layerwise.data.shards import load_split, read_index
-    from layerwise.tasks.detect import decode_annotated
 
     index = read_index(packed_scenes)
     assert (index["task"], index["units"], index["n_train"], index["n_val"]) == ("detect", "images", 108, 12)
@@ -181,14 +180,14 @@ def test_packed_scenes_hold_each_image_letterboxed_with_its_boxes(packed_scenes,
     by_path = {str(image.path): image for image in read_detection(scenes).images}
     raw_pixels, raw_targets, _, _ = decode_annotated([by_path[im["path"]] for im in index["val_images"]], 128)
     pixels, rows = load_split(packed_scenes, [shard for shard in index["shards"] if shard["split"] == "val"])
-    targets = read_box_targets(packed_scenes, "val", 12)
+    targets = [read_box_targets(packed_scenes, "val", 12)[row] for row in range(12)]
     assert torch.equal(pixels, raw_pixels) and rows.tolist() == list(range(12))
     for (boxes, labels), (raw_boxes, raw_labels) in zip(targets, raw_targets, strict=True):
         assert torch.equal(boxes, raw_boxes) and torch.equal(labels, raw_labels)
 
 
 def test_packed_batches_bring_each_image_with_its_own_boxes_and_resume_mid_epoch_from_workers_too(packed_scenes):
-    from layerwise.data.boxes import ShardBoxBatches, read_box_targets
+    from layerwise.data.boxes import read_box_targets, shard_box_batches
     from layerwise.data.shards import load_split, read_index
 
     index = read_index(packed_scenes)
@@ -196,7 +195,7 @@ def test_packed_batches_bring_each_image_with_its_own_boxes_and_resume_mid_epoch
     targets = read_box_targets(packed_scenes, "train", 108)
     pixels, rows = load_split(packed_scenes, train)
     row_of = {pixels[k].numpy().tobytes(): row for k, row in enumerate(rows.tolist())}
-    batches = ShardBoxBatches(packed_scenes, train, 16, targets, (0.0,) * 3, (1 / 255,) * 3, shuffle=True, seed=3)
+    batches = shard_box_batches(packed_scenes, train, 16, targets, (0.0,) * 3, (1 / 255,) * 3, shuffle=True, seed=3)
     seen = []
     for images, batch_targets in batches.epoch(2):
         for image, target in zip(images, batch_targets, strict=True):
@@ -205,8 +204,8 @@ def test_packed_batches_bring_each_image_with_its_own_boxes_and_resume_mid_epoch
             seen.append(row)
     assert len(seen) == len(set(seen)) == 16 * len(batches) and len(batches) == 108 // 16  # no ragged last batch
     assert seen[:16] != sorted(seen[:16])  # shuffled
-    augmented = ShardBoxBatches(packed_scenes, train, 16, targets, (0.5,) * 3, (0.25,) * 3, augment=True,
-                                shuffle=True, seed=3)  # fmt: skip
+    augmented = shard_box_batches(packed_scenes, train, 16, targets, (0.5,) * 3, (0.25,) * 3, augment=True,
+                                  shuffle=True, seed=3)  # fmt: skip
     streamed = augmented.streamed_to(torch.device("cpu"))
     streamed.workers = 2  # as on a GPU machine (without pinning: no GPU here)
     whole, resumed = list(augmented.epoch(1)), list(augmented.epoch(1, start=4))

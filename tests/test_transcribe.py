@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -231,6 +232,10 @@ def test_packed_clips_train_to_the_weights_of_the_files(cli, speech_demo, speech
     assert config["data"]["fingerprint"] == json.loads((speech_run / "config.json").read_text())["data"]["fingerprint"]
     code, _, err = cli("evaluate", tmp_path / "run", tmp_path / "packed")  # raw files are needed: the pack names them
     assert code == 2 and f"give the data it was packed from ({speech_demo.train_manifest})" in err
+    shutil.copytree(tmp_path / "packed", tmp_path / "damaged")
+    (tmp_path / "damaged" / "clips.safetensors").write_bytes(b"not a clip table")
+    code, _, err = cli("train", tmp_path / "damaged", "--out", tmp_path / "never", *TRAIN_ARGS)
+    assert code == 2 and "clips.safetensors: not a readable clip table" in err
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from layerwise.data.batches import made_by_workers, seeded_generator, workers_for
 from layerwise.data.shards import ShardBatches
+from layerwise.data.sources import Problem
 from layerwise.errors import DecodeError, InputError
 
 MIN_SIDE, MAX_SIDE = 128, 512
@@ -158,80 +159,118 @@ def box_batch(
     return normalise(images, mean, std), out
 
 
-class ShardBoxBatches(ShardBatches):
-    """BoxBatches streamed from `layerwise pack`'s shards, with bounded memory: a shard's `inputs` are letterboxed
-    uint8 images and its `labels` each image's row in `targets`, the split's boxes (small: held in memory).
+def shard_box_batches(
+    data: Path,
+    shards: list[dict],
+    batch_size: int,
+    targets: BoxTable,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    augment: bool = False,
+    shuffle: bool = False,
+    seed: int = 0,
+) -> ShardBatches:
+    """Detection batches streamed from `layerwise pack`'s shards, with bounded memory: a shard's `inputs` are
+    letterboxed uint8 images and its `labels` each image's row in `targets`, its split's box table.
 
     The order is ShardBatches' (shards shuffled per epoch, then images within each shard), so batch i of epoch e
     is a function of (seed, e, i) and a run resumes mid-epoch exactly, from one process or DataLoader workers.
     """
+    transform = box_augmentation() if augment else None
 
-    def __init__(
-        self,
-        data: Path,
-        shards: list[dict],
-        batch_size: int,
-        targets: list[tuple[torch.Tensor, torch.Tensor]],
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
-        augment: bool = False,
-        shuffle: bool = False,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(data, shards, batch_size, lambda images: images, shuffle=shuffle, seed=seed)
-        self.targets, self.mean, self.std = targets, mean, std
-        self.transform = box_augmentation() if augment else None
-
-    def _batch(self, pieces: list[tuple[torch.Tensor, torch.Tensor]], epoch: int, i: int):
+    def make_batch(pieces: list[tuple[torch.Tensor, torch.Tensor]], epoch: int, i: int):
         images = torch.cat([piece[0] for piece in pieces])
-        targets = [self.targets[j] for piece in pieces for j in piece[1].tolist()]
-        return box_batch(images, targets, self.transform, (self.seed, epoch, i), self.mean, self.std)
+        rows = torch.cat([piece[1] for piece in pieces]).tolist()
+        if min(rows) < 0 or max(rows) >= len(targets):
+            raise InputError(f"{data}: a shard's labels are not rows of its box table; pack the data again")
+        return box_batch(images, [targets[row] for row in rows], transform, (seed, epoch, i), mean, std)
+
+    unused = lambda images: images  # noqa: E731 (make_batch normalises)
+    return ShardBatches(data, shards, batch_size, unused, shuffle=shuffle, seed=seed, make_batch=make_batch)
+
+
+def decode_annotated(images: list, side: int):
+    """Letterbox every annotated image: uint8 (N, 3, side, side), [(boxes (K, 4), labels (K,))], kept, problems."""
+    pixels, targets, kept, problems = [], [], [], []
+    for i, image in enumerate(images):
+        try:
+            array, scale, _ = letterbox(image.path, side)
+        except DecodeError as err:
+            problems.append(Problem(image.origin, str(err)))
+            continue
+        pixels.append(torch.from_numpy(array))
+        targets.append(
+            (torch.from_numpy(image.boxes * scale).float().reshape(-1, 4), torch.from_numpy(image.labels).long())
+        )
+        kept.append(i)
+    stacked = torch.stack(pixels) if pixels else torch.zeros((0, 3, side, side), dtype=torch.uint8)
+    return stacked, targets, kept, problems
+
+
+class BoxTable:
+    """Every image of a packed split's boxes (letterboxed pixels) and labels, in three flat tensors:
+    `table[row]` is image `row`'s (boxes (K, 4), labels (K,)), as views. Flat, not a pair of tensors per image: a
+    million images are three tensors, not two million."""
+
+    def __init__(self, counts: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor) -> None:
+        self.ends = counts.cumsum(0)
+        self.boxes, self.labels = boxes, labels
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def __getitem__(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        end = int(self.ends[row])
+        start = int(self.ends[row - 1]) if row > 0 else 0
+        return self.boxes[start:end], self.labels[start:end]
 
 
 def write_box_shards(
     out: Path, split: str, images: list, side: int, shard_size: int, seed: int, log=print
-) -> tuple[list[dict], list[int], list[tuple[torch.Tensor, torch.Tensor]], list]:
+) -> tuple[list[dict], list[int], list[Problem]]:
     """Letterbox `images` (AnnotatedImage) shard by shard into `out` (a staging folder), in a seeded order, and
-    `out/{split}-targets.safetensors`: every kept image's boxes (in letterboxed pixels) and labels.
+    `out/{split}-targets.safetensors`: every kept image's boxes (in letterboxed pixels) and labels, row r being
+    the image whose shard label is r.
 
-    Returns the shard entries, the kept images' indices into `images` (in shard order), their targets (row r of
-    the targets file is the image whose shard label is r) and the problems.
+    Returns the shard entries, the kept images' indices into `images` (in shard order) and the problems.
     """
-    from layerwise.tasks.detect import decode_annotated
-
     order = torch.randperm(len(images), generator=seeded_generator(seed, len(images))).tolist()
-    shards, kept, targets, problems = [], [], [], []
+    shards, kept, counts, boxes, labels, problems = [], [], [], [], [], []
     for k, first in enumerate(range(0, len(order), shard_size)):
         chunk = order[first : first + shard_size]
         pixels, chunk_targets, chunk_kept, chunk_problems = decode_annotated([images[i] for i in chunk], side)
         problems += chunk_problems
         if not chunk_kept:
             continue
-        rows = torch.arange(len(targets), len(targets) + len(chunk_kept), dtype=torch.int64)
+        rows = torch.arange(len(kept), len(kept) + len(chunk_kept), dtype=torch.int64)
         name = f"{split}-{k:05d}.safetensors"
         save_file({"inputs": pixels.contiguous(), "labels": rows}, str(out / name))
         shards.append({"file": name, "split": split, "n": len(chunk_kept)})
         kept += [chunk[i] for i in chunk_kept]
-        targets += chunk_targets
+        counts += [len(image_labels) for _, image_labels in chunk_targets]
+        boxes += [image_boxes for image_boxes, _ in chunk_targets]
+        labels += [image_labels for _, image_labels in chunk_targets]
         log(f"{split} shard {k + 1}/{-(-len(order) // shard_size)}: {len(chunk_kept)} images")
-    counts = torch.tensor([len(labels) for _, labels in targets], dtype=torch.int64)
-    flat_boxes = torch.cat([b for b, _ in targets]) if targets else torch.zeros((0, 4))
-    flat_labels = torch.cat([lab for _, lab in targets]) if targets else torch.zeros(0, dtype=torch.int64)
-    save_file({"counts": counts, "boxes": flat_boxes.contiguous(), "labels": flat_labels.contiguous()},
-              str(out / f"{split}-targets.safetensors"))  # fmt: skip
-    return shards, kept, targets, problems
+    table = {
+        "counts": torch.tensor(counts, dtype=torch.int64),
+        "boxes": torch.cat(boxes).contiguous() if boxes else torch.zeros((0, 4)),
+        "labels": torch.cat(labels).contiguous() if labels else torch.zeros(0, dtype=torch.int64),
+    }
+    save_file(table, str(out / f"{split}-targets.safetensors"))
+    return shards, kept, problems
 
 
-def read_box_targets(data: Path, split: str, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The (boxes, labels) of a packed split's `n` images, from `{split}-targets.safetensors`, checked."""
+def read_box_targets(data: Path, split: str, n: int) -> BoxTable:
+    """The box table of a packed split's `n` images, from `{split}-targets.safetensors`, checked."""
     path = Path(data) / f"{split}-targets.safetensors"
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise InputError(f"{path}: not a readable targets file ({err})") from err
-    counts = tensors.get("counts")
-    if set(tensors) != {"counts", "boxes", "labels"} or len(counts) != n or int(counts.sum()) != len(tensors["boxes"]):
+    counts, boxes, labels = (tensors.get(name) for name in ("counts", "boxes", "labels"))
+    if (
+        set(tensors) != {"counts", "boxes", "labels"} or counts.shape != (n,) or bool((counts < 0).any())
+        or not int(counts.sum()) == len(boxes) == len(labels) or boxes.shape[1:] != (4,)
+    ):  # fmt: skip
         raise InputError(f"{path}: does not hold the boxes of the {n} images its index lists")
-    ends = counts.cumsum(0).tolist()
-    starts = [0, *ends[:-1]]
-    return [(tensors["boxes"][a:b].clone(), tensors["labels"][a:b].clone()) for a, b in zip(starts, ends, strict=True)]
+    return BoxTable(counts, boxes, labels)

@@ -20,6 +20,7 @@ import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -156,9 +157,14 @@ class ShardBatches:
         augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
         shuffle: bool = False,
         seed: int = 0,
+        make_batch: Callable[[list[tuple[torch.Tensor, torch.Tensor]], int, int], Any] | None = None,
     ) -> None:
+        """`make_batch(pieces, epoch, i)`, when given, makes batch i of epoch `epoch` from its (inputs, labels)
+        pieces, in place of joining them, `augment` and `to_model_input` (detection's shards: labels are rows
+        of a box table)."""
         self.data, self.shards = Path(data), shards
         self.batch_size, self.to_model_input, self.augment = batch_size, to_model_input, augment
+        self.make_batch = make_batch
         self.shuffle, self.seed = shuffle, seed
         self.n = sum(shard["n"] for shard in shards)
         self.drop_last = shuffle and self.n >= 2 * batch_size  # as TensorBatches: no tiny last training batch
@@ -223,6 +229,8 @@ class ShardBatches:
             yield i, pieces
 
     def _batch(self, pieces: list[tuple[torch.Tensor, torch.Tensor]], epoch: int, i: int):
+        if self.make_batch is not None:
+            return self.make_batch(pieces, epoch, i)
         inputs = torch.cat([piece[0] for piece in pieces])
         labels = torch.cat([piece[1] for piece in pieces])
         if self.augment is not None:
@@ -247,16 +255,23 @@ class _WorkerShare(torch.utils.data.IterableDataset):
 
 
 def load_split(data: Path, shards: list[dict], limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The examples of `shards` in memory, in index order (the first `limit` of them when given)."""
-    inputs, labels, n = [], [], 0
+    """The examples of `shards` in memory, in index order (the first `limit` of them when given), copied shard by
+    shard into tensors of their final size: at most one shard more than the result is held at once."""
+    if not shards:
+        raise InputError(f"{data}: no shards of this split to read")
+    total = sum(shard["n"] for shard in shards)
+    total = total if limit is None else min(limit, total)
+    inputs = labels = None
+    n = 0
     for shard in shards:
-        if limit is not None and n >= limit:
+        if n >= total:
             break
         shard_inputs, shard_labels = load_shard(data, shard)
-        inputs.append(shard_inputs)
-        labels.append(shard_labels)
-        n += len(shard_labels)
-    if not inputs:
-        raise InputError(f"{data}: no shards of this split to read")
-    # Copies of just the first `limit`: a view would keep the whole concatenation alive.
-    return torch.cat(inputs)[:limit].clone(), torch.cat(labels)[:limit].clone()
+        if inputs is None:
+            inputs = shard_inputs.new_empty((total, *shard_inputs.shape[1:]))
+            labels = shard_labels.new_empty((total, *shard_labels.shape[1:]))
+        take = min(len(shard_labels), total - n)
+        inputs[n : n + take], labels[n : n + take] = shard_inputs[:take], shard_labels[:take]
+        n += take
+        del shard_inputs, shard_labels  # before the next shard is read
+    return inputs, labels

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from layerwise.data.boxes import BoxBatches, choose_side, letterbox, normalise
-from layerwise.data.shards import load_shard, load_split, read_pack
+from layerwise.data.boxes import BoxBatches, choose_side, decode_annotated, letterbox, normalise
+from layerwise.data.shards import ShardBatches, is_shard_folder, load_shard, load_split, read_pack
 from layerwise.data.sources import Problem, discover_files
 from layerwise.errors import DecodeError, InputError
 from layerwise.models.registry import model_entry
@@ -128,7 +128,6 @@ class DetectTask:
     @classmethod
     def prepare(cls, data: Path, options: FitOptions, saved: dict | None = None, donor=None, log=print) -> Prepared:
         from layerwise.data.detection import read_detection
-        from layerwise.data.shards import is_shard_folder
 
         if is_shard_folder(data):
             return cls.prepare_packed(data, options, saved, log)
@@ -219,10 +218,12 @@ class DetectTask:
         shard_size = options.shard_size or max(1, SHARD_BYTES // (3 * prep.side**2))
         shards, kept, problems = [], {}, list(source.problems)
         for split, images in (("train", train_images), ("val", val_images)):
-            written = write_box_shards(staging, split, images, prep.side, shard_size, options.seed, log)
-            shards += written[0]
-            kept[split] = [images[i] for i in written[1]]
-            problems += written[3]
+            split_shards, kept_index, split_problems = write_box_shards(
+                staging, split, images, prep.side, shard_size, options.seed, log
+            )
+            shards += split_shards
+            kept[split] = [images[i] for i in kept_index]
+            problems += split_problems
         if not kept["train"] or not kept["val"]:
             raise InputError(f"{source.root}: nothing usable is left to train on ({len(problems)} problems)")
         # Statistics from the first training shard: a random sample of the training images.
@@ -246,7 +247,7 @@ class DetectTask:
     def prepare_packed(cls, data: Path, options: FitOptions, saved: dict | None, log=print) -> Prepared:
         """Training data `layerwise pack` wrote: the training images are streamed from their shards; the validation
         images and a sample of training images (for the classical baseline) are read into memory."""
-        from layerwise.data.boxes import ShardBoxBatches, read_box_targets
+        from layerwise.data.boxes import read_box_targets, shard_box_batches
         from layerwise.data.detection import AnnotatedImage
 
         index = read_pack(data, "detect", options.val_fraction, log)
@@ -265,8 +266,11 @@ class DetectTask:
         train_targets = read_box_targets(data, "train", index["n_train"])
         val_targets = read_box_targets(data, "val", index["n_val"])
         val_pixels, val_rows = load_split(data, val_shards)
-        val_targets = [val_targets[r] for r in val_rows.tolist()]
         sample_pixels, sample_rows = load_split(data, train_shards, limit=MAX_BASELINE_IMAGES)
+        for rows, n in ((val_rows, index["n_val"]), (sample_rows, index["n_train"])):
+            if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= n):
+                raise InputError(f"{data}: a shard's labels are not rows of its box table; pack the data again")
+        val_targets = [val_targets[r] for r in val_rows.tolist()]
         no_boxes = np.zeros((0, 4), np.float32), np.zeros(0, np.int64)  # the report reads only path and size
         val_images = [AnnotatedImage(Path(im["path"]), im["width"], im["height"], *no_boxes)
                       for im in index["val_images"]]  # fmt: skip
@@ -280,9 +284,9 @@ class DetectTask:
         }  # fmt: skip
         batch = min(MAX_BATCH, options.batch_size or MAX_BATCH)
 
-        def train_batches(size: int) -> ShardBoxBatches:
-            return ShardBoxBatches(data, train_shards, size, train_targets, prep.mean, prep.std, augment=True,
-                                   shuffle=True, seed=options.seed)  # fmt: skip
+        def train_batches(size: int) -> ShardBatches:
+            return shard_box_batches(data, train_shards, size, train_targets, prep.mean, prep.std, augment=True,
+                                     shuffle=True, seed=options.seed)  # fmt: skip
 
         return Prepared(
             task=cls(prep, class_names),
@@ -534,24 +538,6 @@ def split_images(images: list, val_fraction: float, seed: int) -> tuple[list, li
     val = sorted(order[:n_val])
     train = sorted(order[n_val:])
     return [images[i] for i in train], [images[i] for i in val]
-
-
-def decode_annotated(images: list, side: int):
-    """Letterbox every annotated image: uint8 (N, 3, side, side), [(boxes (K, 4), labels (K,))], kept, problems."""
-    pixels, targets, kept, problems = [], [], [], []
-    for i, image in enumerate(images):
-        try:
-            array, scale, _ = letterbox(image.path, side)
-        except DecodeError as err:
-            problems.append(Problem(image.origin, str(err)))
-            continue
-        pixels.append(torch.from_numpy(array))
-        targets.append(
-            (torch.from_numpy(image.boxes * scale).float().reshape(-1, 4), torch.from_numpy(image.labels).long())
-        )
-        kept.append(i)
-    stacked = torch.stack(pixels) if pixels else torch.zeros((0, 3, side, side), dtype=torch.uint8)
-    return stacked, targets, kept, problems
 
 
 def fit_statistics(prep: DetectPreprocessing, pixels: torch.Tensor) -> DetectPreprocessing:

@@ -604,7 +604,7 @@ def pack_clips(data: Path, staging: Path, options: PackOptions, log=print) -> di
         "train_index": torch.tensor(clips.train_index, dtype=torch.int64),
         "val_index": torch.tensor(clips.val_index, dtype=torch.int64),
     }, str(staging / PACKED_CLIPS))  # fmt: skip
-    with open(staging / PACKED_UTTERANCES, "w") as f:
+    with open(staging / PACKED_UTTERANCES, "w", encoding="utf-8") as f:
         for u in clips.utterances:
             row = {"origin": u.origin, "path": str(u.path), "text": u.text, "language": u.language}
             f.write(json.dumps(row | {"speaker": u.speaker}, ensure_ascii=False) + "\n")
@@ -621,6 +621,7 @@ def pack_clips(data: Path, staging: Path, options: PackOptions, log=print) -> di
 
 def packed_clips(data: Path, options: FitOptions, saved: dict | None, log=print) -> SpeechClips:
     """A folder `pack_clips` wrote: its waveform file mapped (a clip is read when a batch takes it), its split."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from layerwise.data.shards import read_pack
@@ -632,7 +633,7 @@ def packed_clips(data: Path, options: FitOptions, saved: dict | None, log=print)
     counts = {shard["file"]: shard["count"] for shard in index["shards"]}
     n_samples = counts[PACKED_WAVES]
     try:
-        with open(Path(data) / PACKED_UTTERANCES) as f:
+        with open(Path(data) / PACKED_UTTERANCES, encoding="utf-8") as f:
             utterances = [json.loads(line) for line in f]
     except (OSError, ValueError) as err:
         raise InputError(f"{Path(data) / PACKED_UTTERANCES}: not readable ({err}); pack it again") from err
@@ -641,14 +642,19 @@ def packed_clips(data: Path, options: FitOptions, saved: dict | None, log=print)
                          "pack it again")  # fmt: skip
     try:
         where = load_file(str(clips_path))
-    except (OSError, ValueError) as err:
+    except (SafetensorError, OSError) as err:
         raise InputError(f"{clips_path}: not a readable clip table ({err}); pack it again") from err
-    n_clips = counts[PACKED_CLIPS]
-    if not len(utterances) == n_clips == len(where.get("lengths", ())) or int(where["lengths"].sum()) != n_samples:
-        raise InputError(f"{clips_path}: does not list the {n_clips} clips index.json holds; pack it again")
+    if not clip_table_fits(where, len(utterances), counts[PACKED_CLIPS], n_samples):
+        raise InputError(
+            f"{clips_path}: does not list the {counts[PACKED_CLIPS]} clips index.json holds; pack it again"
+        )
     samples = np.memmap(waves_path, dtype=np.float32, mode="r", shape=(n_samples,))
     waves = [samples[a : a + n] for a, n in zip(where["offsets"].tolist(), where["lengths"].tolist(), strict=True)]
-    utterances = [Utterance(u["origin"], Path(u["path"]), u["text"], u["language"], u["speaker"]) for u in utterances]
+    try:
+        utterances = [Utterance(u["origin"], Path(u["path"]), u["text"], u.get("language"), u.get("speaker"))
+                      for u in utterances]  # fmt: skip
+    except (KeyError, TypeError) as err:
+        raise InputError(f"{Path(data) / PACKED_UTTERANCES}: a line lacks {err}; pack it again") from err
     problems = [Problem(p["path"], p["reason"]) for p in index["skipped"]]
     log(f"{data}: {index['n_train']:,} + {index['n_val']:,} packed clips, {index['summary']['hours']} hours")
     summary = index["summary"] | {"source": str(data), "packed_from": index["source"]}
@@ -656,6 +662,19 @@ def packed_clips(data: Path, options: FitOptions, saved: dict | None, log=print)
         utterances, waves, problems, alphabet, max_seconds, where["train_index"].tolist(), where["val_index"].tolist(),
         index["summary"]["split"], summary,
     )  # fmt: skip
+
+
+def clip_table_fits(table: dict[str, torch.Tensor], n_utterances: int, n_clips: int, n_samples: int) -> bool:
+    """Whether a pack's clip table places `n_clips` clips end to end in `n_samples` samples, with a split of them."""
+    if set(table) != {"offsets", "lengths", "train_index", "val_index"} or not n_utterances == n_clips:
+        return False
+    offsets, lengths = table["offsets"], table["lengths"]
+    if lengths.shape != (n_clips,) or bool((lengths < 0).any()) or int(lengths.sum()) != n_samples:
+        return False
+    if not torch.equal(offsets, lengths.cumsum(0) - lengths):
+        return False
+    split = torch.cat([table["train_index"], table["val_index"]])
+    return len(split) == 0 or (int(split.min()) >= 0 and int(split.max()) < n_clips)
 
 
 def find_speech_manifest(data: Path) -> Path | None:
