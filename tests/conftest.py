@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from filelock import FileLock
+from threadpoolctl import threadpool_limits
 from typer.testing import CliRunner
 
 from layerwise.cli import app
@@ -18,8 +19,11 @@ from layerwise.data.datasets import prepare_fashion_mnist, prepare_fortunes, syn
 
 # One torch thread in each xdist worker, two in a lone pytest (the machines have 2 cores). Fixtures built before
 # a test's own fixture runs get it too, and so do the commands the tests start: runs stay bitwise comparable.
+# numpy's OpenBLAS (and any other native pool) started with a thread per core before this ran: limited alike, or
+# two workers' numpy code oversubscribes the cores (HOG prediction ran 3x slower).
 TORCH_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
 torch.set_num_threads(TORCH_THREADS)
+threadpool_limits(TORCH_THREADS)
 os.environ["OMP_NUM_THREADS"] = str(TORCH_THREADS)
 
 

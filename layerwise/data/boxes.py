@@ -185,8 +185,8 @@ def shard_box_batches(
             raise InputError(f"{data}: a shard's labels are not rows of its box table; pack the data again")
         return box_batch(images, [targets[row] for row in rows], transform, (seed, epoch, i), mean, std)
 
-    unused = lambda images: images  # noqa: E731 (make_batch normalises)
-    return ShardBatches(data, shards, batch_size, unused, shuffle=shuffle, seed=seed, make_batch=make_batch)
+    as_is = lambda images: images  # noqa: E731 (make_batch normalises)
+    return ShardBatches(data, shards, batch_size, as_is, shuffle=shuffle, seed=seed, make_batch=make_batch)
 
 
 def decode_annotated(images: list, side: int):
