@@ -238,6 +238,35 @@ def test_packed_clips_train_to_the_weights_of_the_files(cli, speech_demo, speech
     assert code == 2 and "clips.safetensors: not a readable clip table" in err
 
 
+def test_packing_holds_one_clip_at_a_time_and_leaves_a_refused_clip_out_of_the_table(tmp_path) -> None:
+    # Clips are written as they are decoded; the length limit is known only once all are read, so a clip far
+    # longer than the rest stays in the waveform file but not in the clip table, and is named as refused.
+    from layerwise.data.speech import load_speech
+    from layerwise.pack import pack
+    from layerwise.tasks import task_class
+    from layerwise.tasks.base import FitOptions
+
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(40):
+        seconds = 40.0 if i == 7 else 0.5 + 0.01 * i
+        path = tmp_path / f"clip{i:02d}.wav"
+        soundfile.write(path, rng.normal(0, 0.1, int(seconds * 16_000)).astype(np.float32), 16_000)
+        records.append({"path": str(path), "text": f"clip number {i}"})
+    manifest = write_manifest(tmp_path / "manifest.csv", records)
+    index = pack(manifest, tmp_path / "packed", log=lambda _: None)
+    assert index["n_train"] + index["n_val"] == 39
+    assert [p["path"] for p in index["skipped"]] == ["manifest.csv line 9"]
+    assert "40.0 s long" in index["skipped"][0]["reason"]
+    prepared = task_class("transcribe").prepare(tmp_path / "packed", FitOptions(), log=lambda _: None)
+    clips = prepared.extras["val_batches_all"].waves + prepared.train_batches.waves
+    assert len(clips) == 39 and sum(len(w) for w in clips) < index["shards"][0]["count"]  # the 40 s clip is a gap
+    by_length = {len(w): w for w in clips}
+    for record in records[:7] + records[8:]:
+        wave = load_speech(Path(record["path"]), None)
+        assert np.array_equal(by_length[len(wave)], wave)
+
+
 @pytest.mark.slow
 def test_a_killed_transcribe_run_resumes_bitwise_identical(speech_demo, speech_run, tmp_path) -> None:
     from safetensors.torch import load_file

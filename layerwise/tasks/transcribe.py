@@ -14,9 +14,10 @@ import json
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -536,7 +537,8 @@ class SpeechClips:
     """What a transcribe run is prepared from, read from a manifest's files or from a pack."""
 
     utterances: list[Utterance]
-    waves: list[np.ndarray]  # float32 at SAMPLE_RATE, one per utterance (views of one mapped file for a pack)
+    waves: list  # float32 at SAMPLE_RATE, one per utterance (views of one mapped file for a pack); while packing,
+    # where each was written
     problems: list[Problem]
     alphabet: Alphabet
     max_seconds: float
@@ -546,13 +548,16 @@ class SpeechClips:
     summary: dict  # config.json's "data", less the split's sizes
 
 
-def raw_clips(data: Path, options: FitOptions, saved: dict | None, log=print) -> SpeechClips:
-    """The clips of a speech manifest, decoded; the alphabet fitted (or the resumed run's) and the split made."""
+def raw_clips(
+    data: Path, options: FitOptions, saved: dict | None, log=print, keep: Callable[[np.ndarray], Any] = lambda w: w
+) -> SpeechClips:
+    """The clips of a speech manifest, decoded (`keep`: see `load_clips`); the alphabet fitted (or the resumed
+    run's) and the split made."""
     manifest = find_speech_manifest(Path(data))
     if manifest is None:
         raise InputError(f"{data}: no speech manifest (a CSV with `path` and `text`, a folder with manifest.csv, "
                          "or metadata.csv with `file_name` and `transcription`)")  # fmt: skip
-    clips, problems, info = load_clips(manifest, None if saved is None else saved["preprocessing"]["max_seconds"])
+    clips, problems, info = load_clips(manifest, None if saved is None else saved["preprocessing"]["max_seconds"], keep)
     log(f"{manifest}: {info['rows']} rows, {len(clips)} usable clips"
         + (f" in {len(info['languages'])} languages ({', '.join(info['languages'])})"
            if info["languages"] else ""))  # fmt: skip
@@ -575,7 +580,7 @@ def raw_clips(data: Path, options: FitOptions, saved: dict | None, log=print) ->
         "source": str(manifest), "format": "speech manifest", "n_skipped": len(problems),
         "val_fraction": options.val_fraction, "split": split_rule, "languages": list(alphabet.languages),
         "max_seconds": max_seconds, "unknown_characters": info.get("unknown_characters", {}),
-        "duplicates": info.get("duplicates", 0), "hours": round(sum(len(w) for _, w in clips) / SAMPLE_RATE / 3600, 3),
+        "duplicates": info.get("duplicates", 0), "hours": round(info["samples"] / SAMPLE_RATE / 3600, 3),
         "fingerprint": fingerprint([f"{u.origin} {u.path} {u.text} {u.language}" for u in utterances]),
     }  # fmt: skip
     waves = [w for _, w in clips]
@@ -593,12 +598,17 @@ def pack_clips(data: Path, staging: Path, options: PackOptions, log=print) -> di
     task entries."""
     from safetensors.torch import save_file
 
-    clips = raw_clips(data, FitOptions(val_fraction=options.val_fraction, seed=options.seed), None, log)
-    lengths = np.array([len(w) for w in clips.waves], dtype=np.int64)
     with open(staging / PACKED_WAVES, "wb") as f:
-        for wave in clips.waves:
+
+        def write(wave: np.ndarray) -> tuple[int, int]:  # one clip at a time: packing holds no more in memory
+            offset = f.tell() // 4
             f.write(np.ascontiguousarray(wave, dtype=np.float32).tobytes())
-    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+            return offset, len(wave)
+
+        clips = raw_clips(data, FitOptions(val_fraction=options.val_fraction, seed=options.seed), None, log, write)
+        n_samples = f.tell() // 4  # refused clips (far too long) stay in the file, out of the clip table
+    offsets = np.array([offset for offset, _ in clips.waves], dtype=np.int64)
+    lengths = np.array([length for _, length in clips.waves], dtype=np.int64)
     save_file({
         "offsets": torch.from_numpy(offsets), "lengths": torch.from_numpy(lengths),
         "train_index": torch.tensor(clips.train_index, dtype=torch.int64),
@@ -614,7 +624,7 @@ def pack_clips(data: Path, staging: Path, options: PackOptions, log=print) -> di
         "n_val": len(clips.val_index), "val_fraction": options.val_fraction, "seed": options.seed,
         "summary": clips.summary,
         "shards": [{"file": name, "split": "all", "count": count} for name, count in (
-            (PACKED_WAVES, int(lengths.sum())), (PACKED_CLIPS, len(lengths)), (PACKED_UTTERANCES, len(lengths)))],
+            (PACKED_WAVES, n_samples), (PACKED_CLIPS, len(lengths)), (PACKED_UTTERANCES, len(lengths)))],
         "skipped": [p.to_json() for p in clips.problems],
     }  # fmt: skip
 
@@ -665,13 +675,13 @@ def packed_clips(data: Path, options: FitOptions, saved: dict | None, log=print)
 
 
 def clip_table_fits(table: dict[str, torch.Tensor], n_utterances: int, n_clips: int, n_samples: int) -> bool:
-    """Whether a pack's clip table places `n_clips` clips end to end in `n_samples` samples, with a split of them."""
+    """Whether a pack's clip table places `n_clips` clips inside `n_samples` samples, with a split of them."""
     if set(table) != {"offsets", "lengths", "train_index", "val_index"} or not n_utterances == n_clips:
         return False
     offsets, lengths = table["offsets"], table["lengths"]
-    if lengths.shape != (n_clips,) or bool((lengths < 0).any()) or int(lengths.sum()) != n_samples:
+    if lengths.shape != (n_clips,) or offsets.shape != (n_clips,) or bool((lengths < 0).any() | (offsets < 0).any()):
         return False
-    if not torch.equal(offsets, lengths.cumsum(0) - lengths):
+    if n_clips and int((offsets + lengths).max()) > n_samples:
         return False
     split = torch.cat([table["train_index"], table["val_index"]])
     return len(split) == 0 or (int(split.min()) >= 0 and int(split.max()) < n_clips)
@@ -699,24 +709,32 @@ def find_speech_manifest(data: Path) -> Path | None:
 
 
 def load_clips(
-    manifest: Path, max_seconds: float | None
-) -> tuple[list[tuple[Utterance, np.ndarray]], list[Problem], dict]:
-    """Read the manifest and every clip; clips far longer than the rest (or than `max_seconds`) are refused."""
+    manifest: Path, max_seconds: float | None, keep: Callable[[np.ndarray], Any] = lambda wave: wave
+) -> tuple[list[tuple[Utterance, Any]], list[Problem], dict]:
+    """Read the manifest and every clip; clips far longer than the rest (or than `max_seconds`) are refused.
+
+    Each clip is decoded in turn and `keep(wave)` is what is kept of it: the wave itself, or, for a pack, where
+    it was written (so that packing holds one clip at a time). info["samples"]: the accepted clips' length."""
     from layerwise.data.speech import choose_max_seconds, load_utterances, read_speech_manifest
 
     utterances, problems, info = read_speech_manifest(manifest)
-    waves, kept, load_problems = load_utterances(utterances, None)
-    problems = problems + load_problems
-    limit = max_seconds or choose_max_seconds([len(w) / SAMPLE_RATE for w in waves]) if waves else 0.0
-    clips = []
-    for utterance, wave in zip(kept, waves, strict=True):
-        seconds = len(wave) / SAMPLE_RATE
+    decoded = []  # (utterance, what is kept of its wave, its samples)
+    for utterance in utterances:
+        waves, _, failed = load_utterances([utterance], None)  # one at a time: `keep` may write it out
+        problems += failed
+        if waves:
+            decoded.append((utterance, keep(waves[0]), len(waves[0])))
+    limit = max_seconds or choose_max_seconds([n / SAMPLE_RATE for *_, n in decoded]) if decoded else 0.0
+    clips, info["samples"] = [], 0
+    for utterance, wave, n_samples in decoded:
+        seconds = n_samples / SAMPLE_RATE
         if seconds > limit:
             reason = (f"{seconds:.1f} s long, far longer than the rest (the model takes clips up to {limit:.1f} s); "
                       "`transcribe` cuts long recordings at silences")  # fmt: skip
             problems.append(Problem(utterance.origin, reason))
         else:
             clips.append((utterance, wave))
+            info["samples"] += n_samples
     info["max_seconds"] = limit
     return clips, problems, info
 
