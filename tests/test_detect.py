@@ -12,6 +12,7 @@ from PIL import Image
 
 from layerwise.data.boxes import BoxBatches, augment_one, box_augmentation, letterbox
 from layerwise.data.scenes import compose_scenes
+from layerwise.errors import InputError
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +194,8 @@ def test_packed_batches_bring_each_image_with_its_own_boxes_and_resume_mid_epoch
     index = read_index(packed_scenes)
     train = [shard for shard in index["shards"] if shard["split"] == "train"]
     targets = read_box_targets(packed_scenes, "train", 108)
+    with pytest.raises(InputError, match="train-targets.safetensors: has no row 108"):
+        targets[108]  # a shard label past the table: a damaged pack, named
     pixels, rows = load_split(packed_scenes, train)
     row_of = {pixels[k].numpy().tobytes(): row for k, row in enumerate(rows.tolist())}
     batches = shard_box_batches(packed_scenes, train, 16, targets, (0.0,) * 3, (1 / 255,) * 3, shuffle=True, seed=3)

@@ -181,8 +181,6 @@ def shard_box_batches(
     def make_batch(pieces: list[tuple[torch.Tensor, torch.Tensor]], epoch: int, i: int):
         images = torch.cat([piece[0] for piece in pieces])
         rows = torch.cat([piece[1] for piece in pieces]).tolist()
-        if min(rows) < 0 or max(rows) >= len(targets):
-            raise InputError(f"{data}: a shard's labels are not rows of its box table; pack the data again")
         return box_batch(images, [targets[row] for row in rows], transform, (seed, epoch, i), mean, std)
 
     as_is = lambda images: images  # noqa: E731 (make_batch normalises)
@@ -212,14 +210,16 @@ class BoxTable:
     `table[row]` is image `row`'s (boxes (K, 4), labels (K,)), as views. Flat, not a pair of tensors per image: a
     million images are three tensors, not two million."""
 
-    def __init__(self, counts: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor) -> None:
-        self.ends = counts.cumsum(0)
+    def __init__(self, path: Path, counts: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor) -> None:
+        self.path, self.ends = path, counts.cumsum(0)
         self.boxes, self.labels = boxes, labels
 
     def __len__(self) -> int:
         return len(self.ends)
 
     def __getitem__(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= row < len(self.ends):  # a shard's label that is not a row here: a damaged pack
+            raise InputError(f"{self.path}: has no row {row} for a shard's image; pack the data again")
         end = int(self.ends[row])
         start = int(self.ends[row - 1]) if row > 0 else 0
         return self.boxes[start:end], self.labels[start:end]
@@ -273,4 +273,4 @@ def read_box_targets(data: Path, split: str, n: int) -> BoxTable:
         or not int(counts.sum()) == len(boxes) == len(labels) or boxes.shape[1:] != (4,)
     ):  # fmt: skip
         raise InputError(f"{path}: does not hold the boxes of the {n} images its index lists")
-    return BoxTable(counts, boxes, labels)
+    return BoxTable(path, counts, boxes, labels)

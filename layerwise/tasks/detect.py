@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -169,35 +170,49 @@ class DetectTask:
         }  # fmt: skip
         if saved is not None and saved["data"].get("fingerprint") not in (None, data_summary["fingerprint"]):
             raise RunMismatch(f"--resume: the images under {root} differ from the ones the run started on")
-        model_name = detector_name(options)
-        batch = min(MAX_BATCH, options.batch_size or MAX_BATCH)
-        task = cls(prep, source.class_names)
 
         def train_batches(size: int) -> BoxBatches:
             return BoxBatches(
                 train_pixels, train_targets, size, prep.mean, prep.std, augment=True, shuffle=True, seed=options.seed
             )
 
+        split = f"validation: {options.val_fraction:.0%} of the images, seed {options.seed}"
+        return cls.assemble(
+            prep, source.class_names, options, train_batches, data_summary, problems,
+            train_sample=(train_pixels, train_targets), val=(val_pixels, val_targets),
+            val_images=[val_images[i] for i in val_kept], decode_seconds=decode_seconds, split=split,
+        )  # fmt: skip
+
+    @classmethod
+    def assemble(
+        cls, prep: DetectPreprocessing, class_names: list[str], options: FitOptions, train_batches: Callable,
+        data_summary: dict, problems: list[Problem], *, train_sample: tuple, val: tuple, val_images: list,
+        decode_seconds: float, split: str,
+    ) -> Prepared:  # fmt: skip
+        """The Prepared of a detection run, from the files or from a pack: `train_batches(size)` makes its training
+        batches; `train_sample` (pixels, targets) is what the classical baseline fits on, `val` the validation
+        images held in memory."""
+        batch = min(MAX_BATCH, options.batch_size or MAX_BATCH)
+        val_pixels, val_targets = val
         return Prepared(
-            task=task,
+            task=cls(prep, class_names),
             train_batches=train_batches(batch),
             batches_of=train_batches,
             val_batches=BoxBatches(val_pixels, val_targets, EVAL_BATCH, prep.mean, prep.std),
-            model_name=model_name,
-            model_config={"num_classes": len(source.class_names), "side": prep.side},
+            model_name=detector_name(options),
+            model_config={"num_classes": len(class_names), "side": prep.side},
             data_summary=data_summary,
             problems=problems,
             batch_size=batch,
             lr=DEFAULT_LR,
             extras={
-                "train_pixels": train_pixels,
-                "train_targets": train_targets,
+                "train_pixels": train_sample[0],
+                "train_targets": train_sample[1],
                 "val_pixels": val_pixels,
                 "val_targets": val_targets,
-                "val_images": [val_images[i] for i in val_kept],
+                "val_images": val_images,
                 "decode_seconds": decode_seconds,
-                "split": f"validation: {options.val_fraction:.0%} of the images, seed {options.seed} "
-                "(also used for early stopping)",
+                "split": f"{split} (also used for early stopping)",
             },  # fmt: skip
         )
 
@@ -267,10 +282,6 @@ class DetectTask:
         val_targets = read_box_targets(data, "val", index["n_val"])
         val_pixels, val_rows = load_split(data, val_shards)
         sample_pixels, sample_rows = load_split(data, train_shards, limit=MAX_BASELINE_IMAGES)
-        for rows, n in ((val_rows, index["n_val"]), (sample_rows, index["n_train"])):
-            if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= n):
-                raise InputError(f"{data}: a shard's labels are not rows of its box table; pack the data again")
-        val_targets = [val_targets[r] for r in val_rows.tolist()]
         no_boxes = np.zeros((0, 4), np.float32), np.zeros(0, np.int64)  # the report reads only path and size
         val_images = [AnnotatedImage(Path(im["path"]), im["width"], im["height"], *no_boxes)
                       for im in index["val_images"]]  # fmt: skip
@@ -282,34 +293,18 @@ class DetectTask:
             "n_train": index["n_train"], "n_val": index["n_val"], "n_skipped": len(problems),
             "val_fraction": index["val_fraction"], "counts": index["counts"], "fingerprint": index["fingerprint"],
         }  # fmt: skip
-        batch = min(MAX_BATCH, options.batch_size or MAX_BATCH)
 
         def train_batches(size: int) -> ShardBatches:
             return shard_box_batches(data, train_shards, size, train_targets, prep.mean, prep.std, augment=True,
                                      shuffle=True, seed=options.seed)  # fmt: skip
 
-        return Prepared(
-            task=cls(prep, class_names),
-            train_batches=train_batches(batch),
-            batches_of=train_batches,
-            val_batches=BoxBatches(val_pixels, val_targets, EVAL_BATCH, prep.mean, prep.std),
-            model_name=detector_name(options),
-            model_config={"num_classes": len(class_names), "side": prep.side},
-            data_summary=data_summary,
-            problems=problems,
-            batch_size=batch,
-            lr=DEFAULT_LR,
-            extras={
-                "train_pixels": sample_pixels,  # a sample: the classical baseline fits on it
-                "train_targets": [train_targets[r] for r in sample_rows.tolist()],
-                "val_pixels": val_pixels,
-                "val_targets": val_targets,
-                "val_images": val_images,
-                "decode_seconds": 0.0,
-                "split": f"validation: {index['val_fraction']:.0%} of the images, fixed when {data} was packed "
-                "(also used for early stopping)",
-            },  # fmt: skip
-        )
+        split = f"validation: {index['val_fraction']:.0%} of the images, fixed when {data} was packed"
+        return cls.assemble(
+            prep, class_names, options, train_batches, data_summary, problems,
+            train_sample=(sample_pixels, [train_targets[r] for r in sample_rows.tolist()]),
+            val=(val_pixels, [val_targets[r] for r in val_rows.tolist()]), val_images=val_images,
+            decode_seconds=0.0, split=split,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ after training
 
