@@ -23,8 +23,7 @@ from pathlib import Path
 import torch
 from loop_pair import compare_loops
 
-from layerwise.data.scenes import compose_scenes
-from layerwise.demo import DETECT_TEST_SCENES, DETECT_TRAIN_SCENES, default_cache
+from layerwise.demo import default_cache, detect_demo_scenes
 from layerwise.models import create_model
 from layerwise.tasks.base import FitOptions
 from layerwise.tasks.detect import DetectTask
@@ -84,9 +83,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=300.0)
     parser.add_argument("--skip-quality", action="store_true")
     args = parser.parse_args()
-    cache = default_cache()
-    train_scenes = compose_scenes(cache / "scenes" / "train", DETECT_TRAIN_SCENES, seed=0, split="train")
-    test_scenes = compose_scenes(cache / "scenes" / "test", DETECT_TEST_SCENES, seed=1, split="test")
+    train_scenes, test_scenes = detect_demo_scenes(default_cache())
     prepared = DetectTask.prepare(train_scenes, FitOptions(), log=lambda *_: None)
     print(f"scenes: {prepared.data_summary['n_train']} train / {prepared.data_summary['n_val']} validation, "
           f"side {prepared.task.prep.side}; model {prepared.model_name}, batch {prepared.batch_size}")  # fmt: skip

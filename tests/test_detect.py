@@ -60,6 +60,42 @@ def test_evaluate_prints_the_coco_metrics(cli, detect_run, test_scenes) -> None:
     assert metrics["n_images"] == 30 and 0 <= metrics["map"] <= metrics["map_50"] <= 1
 
 
+def test_validation_takes_loss_and_boxes_from_one_pass_and_scores_them_as_pycocotools_does(
+    detect_run, test_scenes
+) -> None:
+    """One eval-mode pass gives FCOS's training loss and its detections (torchvision's forward gives either), and
+    faster_coco_eval, which validation uses for speed, gives pycocotools' COCO numbers."""
+    from torchmetrics.detection import MeanAveragePrecision
+
+    from layerwise.api import load
+    from layerwise.data.detection import read_detection
+    from layerwise.tasks.detect import decode_annotated, detect_batch, new_metric, validate_batch
+
+    model = load(detect_run)
+    network, prep = model.network, model.task.prep
+    pixels, targets, _, _ = decode_annotated(read_detection(test_scenes).images, prep.side)
+    images, _ = BoxBatches(pixels, targets, 30, prep.mean, prep.std).batch_at(0, 0)
+    boxes = [{"boxes": b, "labels": lab} for b, lab in targets]
+    loss, found = validate_batch(network, images, boxes)
+    network.train()
+    for module in network.modules():  # the loss as train mode computes it, BatchNorm on its running statistics
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.eval()
+    with torch.no_grad():
+        assert loss == pytest.approx(float(sum(network(images, boxes).values())), rel=1e-5)
+    separately = detect_batch(network, images)
+    for one_pass, alone in zip(found, separately, strict=True):
+        assert set(one_pass) == {"boxes", "scores", "labels"} and len(one_pass["boxes"]) > 0
+        for key in one_pass:
+            torch.testing.assert_close(one_pass[key], alone[key])
+    fast, reference = new_metric(), MeanAveragePrecision(box_format="xyxy", class_metrics=True)
+    fast.update(found, boxes)
+    reference.update(found, boxes)
+    fast, reference = fast.compute(), reference.compute()
+    for key in ("map", "map_50", "map_75", "mar_100", "map_per_class"):
+        torch.testing.assert_close(fast[key], reference[key], atol=1e-4, rtol=0)
+
+
 def test_detect_draws_pictures_and_prints_boxes_in_original_pixels(cli, detect_run, test_scenes, tmp_path) -> None:
     # the same scene at three sizes: boxes must scale with the image
     source = next((test_scenes / "images").glob("*.png"))
@@ -100,7 +136,8 @@ def test_boxes_follow_each_augmentation_exactly() -> None:
     image[:, 30:70, 40:90] = 200
     boxes = torch.tensor([[40.0, 30.0, 90.0, 70.0]])
     transform = box_augmentation()
-    for seed in range(20):
+    rescaled = 0  # images the scale jitter reached (it applies to a quarter of them)
+    for seed in range(40):
         torch.manual_seed(seed)
         sample = {
             "image": tv_tensors.Image(image),
@@ -116,10 +153,22 @@ def test_boxes_follow_each_augmentation_exactly() -> None:
         ys, xs = torch.nonzero(mask, as_tuple=True)
         from_mask = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float()
         assert torch.allclose(out["boxes"].as_subclass(torch.Tensor)[0], from_mask, atol=1.5), seed
+        rescaled += abs(float(from_mask[2] - from_mask[0]) - 50) > 1
+    assert rescaled >= 3
     # and the helper the batches use gives the same boxes as the raw transform
     torch.manual_seed(3)
     image_out, boxes_out, labels_out = augment_one(transform, image, boxes, torch.tensor([1]))
     assert image_out.shape == image.shape and boxes_out.shape[-1] == 4 and labels_out.dtype == torch.int64
+
+
+def test_runs_saved_before_the_head_size_was_stored_load_with_their_two_convolutions() -> None:
+    from layerwise.models import create_model
+
+    def head_convs(network) -> int:
+        return sum(isinstance(m, torch.nn.Conv2d) for m in network.fcos.head.classification_head.conv)
+
+    assert head_convs(create_model("fcos_resnet_s", num_classes=2, side=128)) == 2  # config.json without head_convs
+    assert head_convs(create_model("fcos_resnet_s", num_classes=2, side=128, head_convs=1)) == 1
 
 
 def test_letterbox_scales_and_pads(tmp_path) -> None:
@@ -237,7 +286,7 @@ def test_a_detector_overfits_a_handful_of_scenes(tmp_path) -> None:
     """FCOS on the resnet_s backbone learns 8 scenes to mAP@0.5 >= 0.95 (no augmentation)."""
     from layerwise.data.detection import read_detection
     from layerwise.models import create_model
-    from layerwise.tasks.detect import DetectPreprocessing, DetectTask, decode_annotated
+    from layerwise.tasks.detect import HEAD_CONVS, DetectPreprocessing, DetectTask, decode_annotated
     from layerwise.training.loop import TrainConfig, train
 
     data = compose_scenes(tmp_path / "few", 8, seed=3, split="train")
@@ -247,7 +296,7 @@ def test_a_detector_overfits_a_handful_of_scenes(tmp_path) -> None:
     task = DetectTask(DetectPreprocessing(128), source.class_names)
     batches = BoxBatches(pixels, targets, 8, task.prep.mean, task.prep.std)
     torch.manual_seed(0)
-    network = create_model("fcos_resnet_s", num_classes=len(source.class_names), side=128)
+    network = create_model("fcos_resnet_s", num_classes=len(source.class_names), side=128, head_convs=HEAD_CONVS)
     config = TrainConfig(epochs=40, batch_size=8, lr=2e-3, patience=10**6, seed=0)
     train(network, batches, batches, config, show_progress=False, objective=task, log=lambda _: None)
     assert task.evaluate(network, batches)["map_50"] >= 0.95
