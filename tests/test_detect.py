@@ -171,6 +171,28 @@ def test_runs_saved_before_the_head_size_was_stored_load_with_their_two_convolut
     assert head_convs(create_model("fcos_resnet_s", num_classes=2, side=128, head_convs=1)) == 1
 
 
+def test_a_run_saved_with_a_two_convolution_head_resumes_and_starts_others_with_it(
+    scenes, tmp_path, monkeypatch
+) -> None:
+    """Runs from before the head size was stored (no `head_convs` in config.json) have two convolutions: resuming
+    one, or starting a detector from it with --init, keeps that head instead of failing on its weights."""
+    import layerwise.tasks.detect as detect
+    from layerwise.api import fit, load
+
+    old = tmp_path / "old"
+    with monkeypatch.context() as patch:
+        patch.setattr(detect, "HEAD_CONVS", 2)
+        fit(scenes, old, task="detect", epochs=1, show_progress=False)
+    config = json.loads((old / "config.json").read_text())
+    del config["model"]["config"]["head_convs"]
+    (old / "config.json").write_text(json.dumps(config))
+    resumed = fit(scenes, old, epochs=2, resume=True, show_progress=False)
+    started = fit(scenes, tmp_path / "started", task="detect", epochs=1, init=old, show_progress=False)
+    for model in (resumed, started, load(old)):
+        assert sum(isinstance(m, torch.nn.Conv2d) for m in model.network.fcos.head.classification_head.conv) == 2
+    assert len((old / "history.jsonl").read_text().splitlines()) == 2
+
+
 def test_letterbox_scales_and_pads(tmp_path) -> None:
     path = tmp_path / "wide.png"
     Image.new("RGB", (300, 150), (255, 0, 0)).save(path)

@@ -23,6 +23,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from layerwise.models.registry import create_model, register_model
+from layerwise.runtime import channels_last_for
 
 
 class PyramidBackbone(nn.Module):
@@ -36,9 +37,11 @@ class PyramidBackbone(nn.Module):
         self.out_channels = width
 
     def stage_outputs(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        # FCOS's transform batches the images into a new NCHW tensor; convolutions are faster in NHWC (oneDNN,
-        # cuDNN's tensor cores), the layout the training loop gives the weights.
-        x = x.contiguous(memory_format=torch.channels_last)
+        if channels_last_for(self, x.device):
+            # FCOS's transform batches the images into a new NCHW tensor. NHWC measured 206 against 176 images/s
+            # at batch 32 on the CPU where the weights are NCHW (a loaded run); training, whose loop makes the
+            # weights NHWC, runs NHWC either way.
+            x = x.contiguous(memory_format=torch.channels_last)
         outputs = OrderedDict()
         for name, stage in self.stages.named_children():
             x = stage(x)
@@ -157,10 +160,8 @@ def build_detector(backbone_name: str, num_classes: int, side: int, head_convs: 
     return Detector(backbone, num_classes, side, anchor_sizes=(8, 16, 32), head_convs=head_convs)
 
 
-# Convolutions per head branch (FCOS has four). The detect task asks for one, a fifth less compute per image
-# than two: on the composed scenes with a 5-minute CPU budget four measured no better than two, and one as
-# good as two (test mAP@0.5 0.853 against 0.838 on scenes of up to 4 objects, 0.868 against 0.870 up to 6).
-# The default is two, what runs saved before the choice was stored have, so they load as they were.
+# Convolutions per head branch when a model config does not say: two, what detect runs saved before the config
+# held `head_convs` have, so they load as they were. New detect runs ask for the task's HEAD_CONVS (one).
 SAVED_HEAD_CONVS = 2
 
 
