@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from layerwise.data.boxes import BoxBatches, augment_one, box_augmentation, letterbox
+from layerwise.data.boxes import BoxAugmentation, BoxBatches, jitter_colour, letterbox
 from layerwise.data.scenes import compose_scenes
 from layerwise.errors import InputError
 
@@ -128,47 +128,96 @@ def test_classification_commands_refuse_a_detect_run(cli, detect_run, test_scene
 
 
 def test_boxes_follow_each_augmentation_exactly() -> None:
-    """A box transformed by the augmentation equals the box around the equally transformed object mask."""
-    from torchvision import tv_tensors
-
-    side = 128
-    image = torch.zeros(3, side, side, dtype=torch.uint8)
-    image[:, 30:70, 40:90] = 200
-    boxes = torch.tensor([[40.0, 30.0, 90.0, 70.0]])
-    transform = box_augmentation()
-    rescaled = 0  # images the scale jitter reached (it applies to a quarter of them)
-    for seed in range(40):
-        torch.manual_seed(seed)
-        sample = {
-            "image": tv_tensors.Image(image),
-            "mask": tv_tensors.Mask((image[0] > 0).to(torch.uint8)),
-            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(side, side)),
-            "labels": torch.tensor([1]),
-        }
-        out = transform(sample)
-        mask = out["mask"].as_subclass(torch.Tensor) > 0
-        if not len(out["boxes"]):
+    """Each box after the flip and the scale jitter equals the box around the equally moved object (the jitter
+    interpolates nearest, so the object's pixels are its mask), and a box pushed out of the frame goes with its
+    label."""
+    side, n = 128, 40
+    images = torch.zeros(n, 3, side, side, dtype=torch.uint8)
+    images[:, :, 30:70, 40:90] = 200
+    boxes = [torch.tensor([[40.0, 30.0, 90.0, 70.0]])] * n
+    labels = [torch.tensor([1])] * n
+    torch.manual_seed(0)
+    moved, moved_boxes, moved_labels = BoxAugmentation().geometric(images, boxes, labels)
+    assert moved.shape == images.shape and moved.dtype == torch.uint8
+    flipped = rescaled = 0
+    for image, box, label in zip(moved, moved_boxes, moved_labels, strict=True):
+        mask = image[0] > 0
+        assert len(box) == len(label)
+        if not len(box):
             assert mask.sum() < 20  # the object left the frame, and its box was dropped with it
             continue
         ys, xs = torch.nonzero(mask, as_tuple=True)
         from_mask = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float()
-        assert torch.allclose(out["boxes"].as_subclass(torch.Tensor)[0], from_mask, atol=1.5), seed
+        assert torch.allclose(box[0], from_mask, atol=1.5)
         rescaled += abs(float(from_mask[2] - from_mask[0]) - 50) > 1
-    assert rescaled >= 3
-    # and the helper the batches use gives the same boxes as the raw transform
-    torch.manual_seed(3)
-    image_out, boxes_out, labels_out = augment_one(transform, image, boxes, torch.tensor([1]))
-    assert image_out.shape == image.shape and boxes_out.shape[-1] == 4 and labels_out.dtype == torch.int64
+        flipped += box[0].tolist() == [side - 90.0, 30.0, side - 40.0, 70.0]
+    assert rescaled >= 3 and 5 <= flipped <= n - 5  # the jitter reaches a quarter of the images, the flip half
 
 
-def test_runs_saved_before_the_head_size_was_stored_load_with_their_two_convolutions() -> None:
+def test_colour_jitter_is_torchvisions_with_a_factor_per_image() -> None:
+    from torchvision.transforms.v2 import functional as F
+
+    images = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
+    brightness, contrast, saturation = torch.tensor([0.7, 1.0, 1.3]), torch.tensor([1.2, 0.8, 1.0]), torch.ones(3)
+    saturation[0] = 0.75
+    jittered = jitter_colour(images, brightness, contrast, saturation)
+    for i, image in enumerate(images.float() / 255):
+        expected = F.adjust_saturation(F.adjust_contrast(F.adjust_brightness(image, float(brightness[i])),
+                                                         float(contrast[i])), float(saturation[i]))  # fmt: skip
+        assert (jittered[i].float() - expected * 255).abs().max() <= 1.0
+
+
+def test_runs_saved_before_the_head_size_was_stored_load_with_their_two_convolutions_on_three_levels() -> None:
     from layerwise.models import create_model
 
     def head_convs(network) -> int:
         return sum(isinstance(m, torch.nn.Conv2d) for m in network.fcos.head.classification_head.conv)
 
-    assert head_convs(create_model("fcos_resnet_s", num_classes=2, side=128)) == 2  # config.json without head_convs
-    assert head_convs(create_model("fcos_resnet_s", num_classes=2, side=128, head_convs=1)) == 1
+    def levels(network) -> int:
+        return len(network.forward_features(torch.zeros(1, 3, 128, 128)))
+
+    saved = create_model("fcos_resnet_s", num_classes=2, side=128)  # config.json without head_convs, head_levels
+    assert head_convs(saved) == 2 and levels(saved) == 3
+    new = create_model("fcos_resnet_s", num_classes=2, side=128, head_convs=1, head_levels=1)
+    assert head_convs(new) == 1 and levels(new) == 1
+    # the levels change no weights: a two-convolution head on one level loads the saved three-level weights
+    create_model("fcos_resnet_s", num_classes=2, side=128, head_convs=2, head_levels=1).load_state_dict(
+        saved.state_dict()
+    )
+
+
+def test_the_head_is_on_the_levels_torchvisions_fcos_assigns_the_training_objects_to() -> None:
+    """Square objects of each size, centred at every quarter pixel across two coarse strides, through FCOS's own
+    matching: the coarsest level any of them reaches is the last one `head_levels_for` keeps (objects up to 80
+    px, such as the demo's 23-58 px with scale jitter, reach only the finest level)."""
+    from torchvision.models.detection.image_list import ImageList
+
+    from layerwise.models import create_model
+    from layerwise.models.detector import head_levels_for
+    from layerwise.tasks.detect import head_levels_of
+
+    side = 384
+    fcos = create_model("fcos_resnet_s", num_classes=2, side=side, head_convs=1, head_levels=3).fcos
+    images = torch.zeros(1, 3, side, side)
+    features = list(fcos.backbone(images).values())
+    anchors = fcos.anchor_generator(ImageList(images, [(side, side)]), features)[0]
+    level = torch.cat([torch.full((f.shape[2] * f.shape[3],), i) for i, f in enumerate(features)])
+    matched = []
+    fcos.head.compute_loss = lambda targets, outputs, anchors, matched_idxs: matched.extend(matched_idxs) or {}
+    for longest in (40, 72, 80, 81, 100, 160, 161, 200):
+        centres = 160 + torch.arange(0, 64, 0.25)
+        targets = [{"boxes": torch.tensor([[c - longest / 2, c - longest / 2, c + longest / 2, c + longest / 2]]),
+                    "labels": torch.tensor([1])} for c in centres.tolist()]  # fmt: skip
+        matched.clear()
+        fcos.compute_loss(targets, {}, [anchors] * len(targets), [f.shape[2] * f.shape[3] for f in features])
+        reached = max(int(level[m >= 0].max()) for m in matched)
+        assert head_levels_for(longest) == reached + 1, longest
+    assert head_levels_for(0) == 1
+    small = [torch.tensor([[10.0, 10.0, 68.0, 40.0]]), torch.zeros(0, 4)]  # a 58-px object and a negative image
+    assert head_levels_of(None, small) == 1
+    assert head_levels_of(None, small + [torch.tensor([[0.0, 0.0, 100.0, 20.0]])]) == 2
+    saved = {"model": {"config": {"num_classes": 2, "side": 128}}}  # a resumed run keeps its levels
+    assert head_levels_of(saved, small) == 3
 
 
 def test_a_run_saved_with_a_two_convolution_head_resumes_and_starts_others_with_it(
@@ -184,12 +233,15 @@ def test_a_run_saved_with_a_two_convolution_head_resumes_and_starts_others_with_
         patch.setattr(detect, "HEAD_CONVS", 2)
         fit(scenes, old, task="detect", epochs=1, show_progress=False)
     config = json.loads((old / "config.json").read_text())
-    del config["model"]["config"]["head_convs"]
+    assert config["model"]["config"]["head_levels"] == 1  # the scenes' objects reach the finest level only
+    del config["model"]["config"]["head_convs"], config["model"]["config"]["head_levels"]
     (old / "config.json").write_text(json.dumps(config))
     resumed = fit(scenes, old, epochs=2, resume=True, show_progress=False)
     started = fit(scenes, tmp_path / "started", task="detect", epochs=1, init=old, show_progress=False)
     for model in (resumed, started, load(old)):
         assert sum(isinstance(m, torch.nn.Conv2d) for m in model.network.fcos.head.classification_head.conv) == 2
+    assert len(resumed.network.fcos.anchor_generator.sizes) == 3  # a run saved before head_levels: all three
+    assert len(started.network.fcos.anchor_generator.sizes) == 1  # a new run: the levels its objects reach
     assert len((old / "history.jsonl").read_text().splitlines()) == 2
 
 
@@ -213,6 +265,19 @@ def test_batches_are_seeded_and_keep_the_random_stream() -> None:
     assert torch.rand(1) == after  # augmentation did not consume the global generator
     for (x1, b1), (x2, b2) in zip(first, second, strict=True):
         assert torch.equal(x1, x2) and all(torch.equal(a, b) for a, b in zip(b1, b2, strict=True))
+
+
+def test_batches_hold_copies_and_leave_the_data_as_it_was() -> None:
+    images = torch.randint(0, 255, (8, 3, 64, 64), dtype=torch.uint8)
+    targets = [(torch.tensor([[5.0, 5.0, 30.0, 30.0 + i]]), torch.tensor([i % 2])) for i in range(8)]
+    kept_images, kept_targets = images.clone(), [(b.clone(), lab.clone()) for b, lab in targets]
+    batches = BoxBatches(images, targets, 4, (0.5,) * 3, (0.25,) * 3, augment=True, shuffle=True, seed=0)
+    stored = {t.data_ptr() for pair in targets for t in pair}
+    for _, batch_targets in batches.epoch(0):
+        assert not stored & {t.data_ptr() for target in batch_targets for t in target.values()}
+    assert torch.equal(images, kept_images)
+    for (b, lab), (kept_b, kept_lab) in zip(targets, kept_targets, strict=True):
+        assert torch.equal(b, kept_b) and torch.equal(lab, kept_lab)
 
 
 def test_worker_processes_make_the_same_augmented_batches_in_order() -> None:
@@ -308,7 +373,7 @@ def test_a_detector_overfits_a_handful_of_scenes(tmp_path) -> None:
     """FCOS on the resnet_s backbone learns 8 scenes to mAP@0.5 >= 0.95 (no augmentation)."""
     from layerwise.data.detection import read_detection
     from layerwise.models import create_model
-    from layerwise.tasks.detect import HEAD_CONVS, DetectPreprocessing, DetectTask, decode_annotated
+    from layerwise.tasks.detect import HEAD_CONVS, DetectPreprocessing, DetectTask, decode_annotated, head_levels_of
     from layerwise.training.loop import TrainConfig, train
 
     data = compose_scenes(tmp_path / "few", 8, seed=3, split="train")
@@ -318,7 +383,10 @@ def test_a_detector_overfits_a_handful_of_scenes(tmp_path) -> None:
     task = DetectTask(DetectPreprocessing(128), source.class_names)
     batches = BoxBatches(pixels, targets, 8, task.prep.mean, task.prep.std)
     torch.manual_seed(0)
-    network = create_model("fcos_resnet_s", num_classes=len(source.class_names), side=128, head_convs=HEAD_CONVS)
+    levels = head_levels_of(None, [boxes for boxes, _ in targets])  # as a new run on these scenes gets
+    network = create_model(
+        "fcos_resnet_s", num_classes=len(source.class_names), side=128, head_convs=HEAD_CONVS, head_levels=levels
+    )
     config = TrainConfig(epochs=40, batch_size=8, lr=2e-3, patience=10**6, seed=0)
     train(network, batches, batches, config, show_progress=False, objective=task, log=lambda _: None)
     assert task.evaluate(network, batches)["map_50"] >= 0.95

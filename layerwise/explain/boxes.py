@@ -29,7 +29,7 @@ def box_score(network, images: torch.Tensor, box: torch.Tensor, label: int) -> t
     stage_outputs = backbone.stage_outputs(images)
     last = list(stage_outputs.values())[-1]
     last.retain_grad()
-    pyramid = backbone.fpn(stage_outputs)
+    pyramid = backbone.pyramid(stage_outputs)
     logits = network.fcos.head(list(pyramid.values()))["cls_logits"][0, :, label]  # (locations,)
     centres = []
     side = images.shape[-1]

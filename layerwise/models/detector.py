@@ -25,15 +25,28 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from layerwise.models.registry import create_model, register_model
 from layerwise.runtime import channels_last_for
 
+# FCOS's anchor size per pyramid level, finest first: each level's stride (8, 16, 32 on a stride-4 backbone).
+ANCHOR_SIZES = (8, 16, 32)
+# FCOS's centre sampling: a location is a positive for an object when it lies within this many strides of the
+# object's centre (torchvision's default).
+CENTER_SAMPLING_RADIUS = 1.5
+
 
 class PyramidBackbone(nn.Module):
-    """Backbone stages -> an FPN over the chosen stages (plus one max-pooled level), `out_channels` each."""
+    """Backbone stages -> an FPN over the chosen stages (plus one max-pooled level), `out_channels` each; the
+    first `head_levels` of its levels (finest first) are what it returns, the levels the head predicts on."""
 
-    def __init__(self, stages: nn.Sequential, levels: tuple[str, ...], in_channels: tuple[int, ...], width: int):
+    def __init__(
+        self, stages: nn.Sequential, levels: tuple[str, ...], in_channels: tuple[int, ...], width: int,
+        head_levels: int,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.stages = stages  # named like a classifier's `stages`, so classifier weights transfer by name
         self.levels = levels
-        self.fpn = FeaturePyramidNetwork(list(in_channels), width, extra_blocks=LastLevelMaxPool())
+        # The pooled level only where the head uses it; the FPN's weights are the same either way.
+        pooled = LastLevelMaxPool() if head_levels > len(levels) else None
+        self.fpn = FeaturePyramidNetwork(list(in_channels), width, extra_blocks=pooled)
+        self.head_levels = head_levels
         self.out_channels = width
 
     def stage_outputs(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
@@ -49,8 +62,13 @@ class PyramidBackbone(nn.Module):
                 outputs[name] = x
         return outputs
 
+    def pyramid(self, stage_outputs: OrderedDict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+        """The FPN's levels the head predicts on, finest first, from `stage_outputs`."""
+        levels = self.fpn(stage_outputs)  # strides e.g. 8, 16, 32 for a stride-2 stem + max-pool
+        return OrderedDict(list(levels.items())[: self.head_levels])
+
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        return self.fpn(self.stage_outputs(x))  # strides e.g. 8, 16, 32 for a stride-2 stem + max-pool
+        return self.pyramid(self.stage_outputs(x))
 
 
 class Detector(nn.Module):
@@ -70,7 +88,8 @@ class Detector(nn.Module):
         head = FCOSHead(backbone.out_channels, 1, num_classes, num_convs=head_convs)
         self.fcos = FCOS(
             backbone, num_classes, min_size=side, max_size=side, image_mean=[0.0] * 3, image_std=[1.0] * 3,
-            anchor_generator=anchors, head=head, score_thresh=0.05, nms_thresh=0.5, detections_per_img=100,
+            anchor_generator=anchors, head=head, center_sampling_radius=CENTER_SAMPLING_RADIUS, score_thresh=0.05,
+            nms_thresh=0.5, detections_per_img=100,
         )  # fmt: skip
 
     @property
@@ -81,11 +100,11 @@ class Detector(nn.Module):
         return list(self.backbone.stages.named_children())
 
     def forward_features(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        """The multi-scale features (B, out_channels, H/s, W/s) per pyramid level."""
+        """The multi-scale features (B, out_channels, H/s, W/s) per pyramid level the head predicts on."""
         return self.backbone(x)
 
     def forward_head(self, features: OrderedDict[str, torch.Tensor], pre_logits: bool = False) -> torch.Tensor:
-        """pre_logits: the coarsest level averaged to (B, out_channels), an embedding of the whole image;
+        """pre_logits: the head's coarsest level averaged to (B, out_channels), an embedding of the whole image;
         otherwise the head's per-location class logits (B, locations, num_classes)."""
         if pre_logits:
             return list(features.values())[-1].mean(dim=(2, 3))
@@ -149,27 +168,52 @@ class DenseDetections(nn.Module):
         return boxes, scores
 
 
-def build_detector(backbone_name: str, num_classes: int, side: int, head_convs: int, width: int = 64) -> Detector:
-    """A detector on a registered ResNet backbone (RGB input, stride-2 stem) with pyramid levels at strides 8-32."""
+def head_levels_for(longest_side: float) -> int:
+    """The pyramid levels (finest first) the head needs for objects whose longer side is at most `longest_side`
+    pixels in the letterboxed images, scale augmentation included.
+
+    FCOS makes a location a positive of a level when it lies within CENTER_SAMPLING_RADIUS anchor sizes of the
+    object's centre and its distance to the object's farthest side is 4 to 8 anchor sizes (no lower limit on
+    the finest level, no upper one on the coarsest). That distance is at most half the object's longer side
+    plus the radius, so a level whose 4 anchor sizes exceed it gets no positive, nor do the coarser ones: a
+    head there would learn background alone. Such levels cost time in every step (12% of a training step on
+    the demo scenes, whose objects, up to 80 px, all go to the finest level) and add false detections."""
+    for level, coarser in enumerate(ANCHOR_SIZES[1:]):
+        if longest_side / 2 + CENTER_SAMPLING_RADIUS * coarser <= 4 * coarser:  # nothing reaches the next level
+            return level + 1
+    return len(ANCHOR_SIZES)
+
+
+def build_detector(
+    backbone_name: str, num_classes: int, side: int, head_convs: int, head_levels: int, width: int = 64
+) -> Detector:
+    """A detector on a registered ResNet backbone (RGB input, stride-2 stem) with pyramid levels at strides 8-32,
+    the first `head_levels` of them with the head."""
     classifier = create_model(backbone_name, in_channels=3, num_classes=1, stem_stride=2)
     names = [name for name, _ in classifier.named_stages()]
     levels = tuple(names[-2:])  # the last two stages: strides 8 and 16 (+ a pooled level at 32)
     channels = tuple(stage[-1].conv2.out_channels for name, stage in classifier.named_stages() if name in levels)
-    backbone = PyramidBackbone(classifier.stages, levels, channels, width)
-    # An object whose farthest side is 4-8 x a level's anchor size is assigned to that level (FCOS's rule).
-    return Detector(backbone, num_classes, side, anchor_sizes=(8, 16, 32), head_convs=head_convs)
+    backbone = PyramidBackbone(classifier.stages, levels, channels, width, head_levels)
+    return Detector(backbone, num_classes, side, anchor_sizes=ANCHOR_SIZES[:head_levels], head_convs=head_convs)
 
 
 # Convolutions per head branch when a model config does not say: two, what detect runs saved before the config
 # held `head_convs` have, so they load as they were. New detect runs ask for the task's HEAD_CONVS (one).
 SAVED_HEAD_CONVS = 2
+# Pyramid levels with the head when a model config does not say: all three, as runs saved before the config held
+# `head_levels` have. New detect runs ask for `head_levels_for` their training objects.
+SAVED_HEAD_LEVELS = len(ANCHOR_SIZES)
 
 
 @register_model("fcos_resnet_s", modalities=("image",), tasks=("detect",))
-def fcos_resnet_s(num_classes: int, side: int, head_convs: int = SAVED_HEAD_CONVS) -> Detector:
-    return build_detector("resnet_s", num_classes, side, head_convs)
+def fcos_resnet_s(
+    num_classes: int, side: int, head_convs: int = SAVED_HEAD_CONVS, head_levels: int = SAVED_HEAD_LEVELS
+) -> Detector:
+    return build_detector("resnet_s", num_classes, side, head_convs, head_levels)
 
 
 @register_model("fcos_resnet_m", modalities=("image",), tasks=("detect",))
-def fcos_resnet_m(num_classes: int, side: int, head_convs: int = SAVED_HEAD_CONVS) -> Detector:
-    return build_detector("resnet_m", num_classes, side, head_convs, width=96)
+def fcos_resnet_m(
+    num_classes: int, side: int, head_convs: int = SAVED_HEAD_CONVS, head_levels: int = SAVED_HEAD_LEVELS
+) -> Detector:
+    return build_detector("resnet_m", num_classes, side, head_convs, head_levels, width=96)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from layerwise.data.boxes import BoxBatches, choose_side, decode_annotated, letterbox, normalise
+from layerwise.data.boxes import SCALE_JITTER, BoxBatches, choose_side, decode_annotated, letterbox, normalise
 from layerwise.data.shards import ShardBatches, is_shard_folder, load_shard, load_split, read_pack
 from layerwise.data.sources import Problem, discover_files
 from layerwise.errors import DecodeError, InputError
@@ -28,9 +28,13 @@ from layerwise.runtime import model_device
 from layerwise.tasks.base import FitOptions, PackOptions, Prepared, RunMismatch, fingerprint, result_rows
 
 DEFAULT_MODEL = "fcos_resnet_s"
-# Batch 16 at peak learning rate 2e-3 learned fastest in a fixed CPU time on the composed scenes: after
-# 150 s, validation mAP@0.5 0.60 (16, 2e-3), 0.61 (8, 1e-3), 0.56 (16, 1e-3), 0.08 (32, 3e-3: unstable).
-MAX_BATCH = 16
+# Batch 8 at peak learning rate 2e-3 learned most in 5 CPU minutes on the composed scenes: test mAP@0.5 0.885 and
+# 0.888 against 0.876-0.885 at batch 16 (three runs) and 0.858 at 4, though 8 train a fifth fewer images a second
+# than 16. Earlier, after 150 s: validation mAP@0.5 0.60 (16, 2e-3), 0.61 (8, 1e-3), 0.56 (16, 1e-3), 0.08 (32,
+# 3e-3: unstable).
+# On a GPU the batch search starts from DEFAULT_BATCH and takes the largest that fits (learning rate scaled).
+DEFAULT_BATCH = 8
+MAX_BATCH = 16  # a larger --batch-size is capped to this
 # One convolution per FCOS head branch (FCOS has four), a fifth less compute per image than two: on the composed
 # scenes with a 5-minute CPU budget four measured no better than two, and one as good as two (test mAP@0.5 0.853
 # against 0.838 on scenes of up to 4 objects, 0.868 against 0.870 up to 6).
@@ -186,19 +190,19 @@ class DetectTask:
             prep, source.class_names, options, train_batches, data_summary, problems,
             train_sample=(train_pixels, train_targets), val=(val_pixels, val_targets),
             val_images=[val_images[i] for i in val_kept], decode_seconds=decode_seconds, split=split,
-            head_convs=head_convs,
+            head_convs=head_convs, head_levels=head_levels_of(saved, [boxes for boxes, _ in train_targets]),
         )  # fmt: skip
 
     @classmethod
     def assemble(
         cls, prep: DetectPreprocessing, class_names: list[str], options: FitOptions, train_batches: Callable,
         data_summary: dict, problems: list[Problem], *, train_sample: tuple, val: tuple, val_images: list,
-        decode_seconds: float, split: str, head_convs: int,
+        decode_seconds: float, split: str, head_convs: int, head_levels: int,
     ) -> Prepared:  # fmt: skip
         """The Prepared of a detection run, from the files or from a pack: `train_batches(size)` makes its training
         batches; `train_sample` (pixels, targets) is what the classical baseline fits on, `val` the validation
         images held in memory."""
-        batch = min(MAX_BATCH, options.batch_size or MAX_BATCH)
+        batch = min(MAX_BATCH, options.batch_size or DEFAULT_BATCH)
         val_pixels, val_targets = val
         return Prepared(
             task=cls(prep, class_names),
@@ -206,7 +210,12 @@ class DetectTask:
             batches_of=train_batches,
             val_batches=BoxBatches(val_pixels, val_targets, EVAL_BATCH, prep.mean, prep.std),
             model_name=detector_name(options),
-            model_config={"num_classes": len(class_names), "side": prep.side, "head_convs": head_convs},
+            model_config={
+                "num_classes": len(class_names),
+                "side": prep.side,
+                "head_convs": head_convs,
+                "head_levels": head_levels,
+            },  # fmt: skip
             data_summary=data_summary,
             problems=problems,
             batch_size=batch,
@@ -312,6 +321,7 @@ class DetectTask:
             train_sample=(sample_pixels, [train_targets[r] for r in sample_rows.tolist()]),
             val=(val_pixels, [val_targets[r] for r in val_rows.tolist()]), val_images=val_images,
             decode_seconds=0.0, split=split, head_convs=head_convs,
+            head_levels=head_levels_of(saved, [train_targets.boxes]),
         )  # fmt: skip
 
     # ------------------------------------------------------------------ after training
@@ -559,6 +569,19 @@ def head_convs_for(saved: dict | None, donor) -> int:
         if config is not None and config.get("task") == "detect":
             return int(config["model"]["config"].get("head_convs", SAVED_HEAD_CONVS))
     return HEAD_CONVS
+
+
+def head_levels_of(saved: dict | None, train_boxes: list[torch.Tensor]) -> int:
+    """The pyramid levels with the head: a resumed run keeps its own; a new one (also one started from another
+    detect run: the head's weights are the same on every level) gets those its training objects need, at the
+    largest scale the augmentation gives them."""
+    from layerwise.models.detector import SAVED_HEAD_LEVELS, head_levels_for
+
+    if saved is not None:
+        return int(saved["model"]["config"].get("head_levels", SAVED_HEAD_LEVELS))
+    boxes = torch.cat([b.reshape(-1, 4).float() for b in train_boxes])
+    longest = float((boxes[:, 2:] - boxes[:, :2]).max()) if len(boxes) else 0.0
+    return head_levels_for(longest * SCALE_JITTER[1])
 
 
 @torch.no_grad()
