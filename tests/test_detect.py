@@ -194,7 +194,7 @@ def test_the_head_is_on_the_levels_torchvisions_fcos_assigns_the_training_object
 
     from layerwise.models import create_model
     from layerwise.models.detector import head_levels_for
-    from layerwise.tasks.detect import head_levels_of
+    from layerwise.tasks.detect import head_config
 
     side = 384
     fcos = create_model("fcos_resnet_s", num_classes=2, side=side, head_convs=1, head_levels=3).fcos
@@ -214,10 +214,10 @@ def test_the_head_is_on_the_levels_torchvisions_fcos_assigns_the_training_object
         assert head_levels_for(longest) == reached + 1, longest
     assert head_levels_for(0) == 1
     small = [torch.tensor([[10.0, 10.0, 68.0, 40.0]]), torch.zeros(0, 4)]  # a 58-px object and a negative image
-    assert head_levels_of(None, small) == 1
-    assert head_levels_of(None, small + [torch.tensor([[0.0, 0.0, 100.0, 20.0]])]) == 2
-    saved = {"model": {"config": {"num_classes": 2, "side": 128}}}  # a resumed run keeps its levels
-    assert head_levels_of(saved, small) == 3
+    assert head_config(None, None, small)["head_levels"] == 1
+    assert head_config(None, None, small + [torch.tensor([[0.0, 0.0, 100.0, 20.0]])])["head_levels"] == 2
+    saved = {"task": "detect", "model": {"config": {"num_classes": 2, "side": 128}}}  # a resumed run keeps its own
+    assert head_config(saved, None, small)["head_levels"] == 3
 
 
 def test_a_run_saved_with_a_two_convolution_head_resumes_and_starts_others_with_it(
@@ -373,7 +373,7 @@ def test_a_detector_overfits_a_handful_of_scenes(tmp_path) -> None:
     """FCOS on the resnet_s backbone learns 8 scenes to mAP@0.5 >= 0.95 (no augmentation)."""
     from layerwise.data.detection import read_detection
     from layerwise.models import create_model
-    from layerwise.tasks.detect import HEAD_CONVS, DetectPreprocessing, DetectTask, decode_annotated, head_levels_of
+    from layerwise.tasks.detect import HEAD_CONVS, DetectPreprocessing, DetectTask, decode_annotated, head_config
     from layerwise.training.loop import TrainConfig, train
 
     data = compose_scenes(tmp_path / "few", 8, seed=3, split="train")
@@ -383,7 +383,7 @@ def test_a_detector_overfits_a_handful_of_scenes(tmp_path) -> None:
     task = DetectTask(DetectPreprocessing(128), source.class_names)
     batches = BoxBatches(pixels, targets, 8, task.prep.mean, task.prep.std)
     torch.manual_seed(0)
-    levels = head_levels_of(None, [boxes for boxes, _ in targets])  # as a new run on these scenes gets
+    levels = head_config(None, None, [boxes for boxes, _ in targets])["head_levels"]  # as a new run here gets
     network = create_model(
         "fcos_resnet_s", num_classes=len(source.class_names), side=128, head_convs=HEAD_CONVS, head_levels=levels
     )

@@ -138,9 +138,8 @@ class DetectTask:
     def prepare(cls, data: Path, options: FitOptions, saved: dict | None = None, donor=None, log=print) -> Prepared:
         from layerwise.data.detection import read_detection
 
-        head_convs = head_convs_for(saved, donor)
         if is_shard_folder(data):
-            return cls.prepare_packed(data, options, saved, head_convs, log)
+            return cls.prepare_packed(data, options, saved, donor, log)
         source = read_detection(Path(data))
         log(
             f"{source.root}: {len(source.images)} images ({source.format}), {len(source.class_names)} classes, "
@@ -190,14 +189,14 @@ class DetectTask:
             prep, source.class_names, options, train_batches, data_summary, problems,
             train_sample=(train_pixels, train_targets), val=(val_pixels, val_targets),
             val_images=[val_images[i] for i in val_kept], decode_seconds=decode_seconds, split=split,
-            head_convs=head_convs, head_levels=head_levels_of(saved, [boxes for boxes, _ in train_targets]),
+            head=head_config(saved, donor, [boxes for boxes, _ in train_targets]),
         )  # fmt: skip
 
     @classmethod
     def assemble(
         cls, prep: DetectPreprocessing, class_names: list[str], options: FitOptions, train_batches: Callable,
         data_summary: dict, problems: list[Problem], *, train_sample: tuple, val: tuple, val_images: list,
-        decode_seconds: float, split: str, head_convs: int, head_levels: int,
+        decode_seconds: float, split: str, head: dict[str, int],
     ) -> Prepared:  # fmt: skip
         """The Prepared of a detection run, from the files or from a pack: `train_batches(size)` makes its training
         batches; `train_sample` (pixels, targets) is what the classical baseline fits on, `val` the validation
@@ -210,12 +209,7 @@ class DetectTask:
             batches_of=train_batches,
             val_batches=BoxBatches(val_pixels, val_targets, EVAL_BATCH, prep.mean, prep.std),
             model_name=detector_name(options),
-            model_config={
-                "num_classes": len(class_names),
-                "side": prep.side,
-                "head_convs": head_convs,
-                "head_levels": head_levels,
-            },  # fmt: skip
+            model_config={"num_classes": len(class_names), "side": prep.side, **head},
             data_summary=data_summary,
             problems=problems,
             batch_size=batch,
@@ -274,9 +268,7 @@ class DetectTask:
         }  # fmt: skip
 
     @classmethod
-    def prepare_packed(
-        cls, data: Path, options: FitOptions, saved: dict | None, head_convs: int, log=print
-    ) -> Prepared:
+    def prepare_packed(cls, data: Path, options: FitOptions, saved: dict | None, donor, log=print) -> Prepared:
         """Training data `layerwise pack` wrote: the training images are streamed from their shards; the validation
         images and a sample of training images (for the classical baseline) are read into memory."""
         from layerwise.data.boxes import read_box_targets, shard_box_batches
@@ -320,8 +312,7 @@ class DetectTask:
             prep, class_names, options, train_batches, data_summary, problems,
             train_sample=(sample_pixels, [train_targets[r] for r in sample_rows.tolist()]),
             val=(val_pixels, [val_targets[r] for r in val_rows.tolist()]), val_images=val_images,
-            decode_seconds=0.0, split=split, head_convs=head_convs,
-            head_levels=head_levels_of(saved, [train_targets.boxes]),
+            decode_seconds=0.0, split=split, head=head_config(saved, donor, [train_targets.boxes]),
         )  # fmt: skip
 
     # ------------------------------------------------------------------ after training
@@ -560,28 +551,25 @@ def fit_statistics(prep: DetectPreprocessing, pixels: torch.Tensor) -> DetectPre
     return DetectPreprocessing(prep.side, mean, std)
 
 
-def head_convs_for(saved: dict | None, donor) -> int:
-    """The FCOS head's convolutions per branch: a resumed run keeps its own, a detector started from another detect
-    run takes that run's (its output layers learned on that many), a new one gets HEAD_CONVS."""
-    from layerwise.models.detector import SAVED_HEAD_CONVS
+def head_config(saved: dict | None, donor, train_boxes: list[torch.Tensor]) -> dict[str, int]:
+    """The FCOS head's shape in the model config. A resumed run keeps its own. A detector started from another
+    detect run takes that run's convolutions per branch (its output layers learned on that many), a new one
+    HEAD_CONVS; both get the pyramid levels their training objects reach at the largest scale the augmentation
+    gives them (the head's weights are the same on every level)."""
+    from layerwise.models.detector import SAVED_HEAD_CONVS, SAVED_HEAD_LEVELS, head_levels_for
 
-    for config in (saved, donor.config if donor is not None else None):
-        if config is not None and config.get("task") == "detect":
-            return int(config["model"]["config"].get("head_convs", SAVED_HEAD_CONVS))
-    return HEAD_CONVS
-
-
-def head_levels_of(saved: dict | None, train_boxes: list[torch.Tensor]) -> int:
-    """The pyramid levels with the head: a resumed run keeps its own; a new one (also one started from another
-    detect run: the head's weights are the same on every level) gets those its training objects need, at the
-    largest scale the augmentation gives them."""
-    from layerwise.models.detector import SAVED_HEAD_LEVELS, head_levels_for
-
-    if saved is not None:
-        return int(saved["model"]["config"].get("head_levels", SAVED_HEAD_LEVELS))
+    if saved is not None and saved.get("task") == "detect":
+        config = saved["model"]["config"]
+        return {
+            "head_convs": int(config.get("head_convs", SAVED_HEAD_CONVS)),
+            "head_levels": int(config.get("head_levels", SAVED_HEAD_LEVELS)),
+        }
+    head_convs = HEAD_CONVS
+    if donor is not None and donor.config.get("task") == "detect":
+        head_convs = int(donor.config["model"]["config"].get("head_convs", SAVED_HEAD_CONVS))
     boxes = torch.cat([b.reshape(-1, 4).float() for b in train_boxes])
     longest = float((boxes[:, 2:] - boxes[:, :2]).max()) if len(boxes) else 0.0
-    return head_levels_for(longest * SCALE_JITTER[1])
+    return {"head_convs": head_convs, "head_levels": head_levels_for(longest * SCALE_JITTER[1])}
 
 
 @torch.no_grad()
