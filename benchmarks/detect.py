@@ -7,7 +7,8 @@ On the composed demo scenes (Fashion-MNIST objects on scikit-image's photographs
 (b) Inference: images/s of the network at batch 1 and batch 32 (letterboxed tensors in, boxes out).
 (c) Quality: mAP@0.5 on 300 held-out test scenes (objects from Fashion-MNIST's test images) after
     `--budget` seconds of training (default 300, i.e. 5 minutes on 2 CPU cores), beside HOG + linear
-    SVM fitted on the same training scenes and scored with the same torchmetrics code. Target >= 0.9.
+    SVM fitted on the same training scenes and scored with the same torchmetrics code. Target >= 0.9. The
+    network detects at the inference side its validation split chose (the training side or 1.25 times it).
 
     .venv/bin/python benchmarks/detect.py [--steps 20] [--rounds 3] [--budget 300] [--skip-quality]
 """
@@ -73,6 +74,10 @@ def quality(train_scenes: Path, test_scenes: Path, budget: float) -> None:
           f"mAP@0.5 {test['map_50']:.3f}, mAP@[.5:.95] {test['map']:.3f} (target mAP@0.5 >= 0.9); validation "
           f"mAP@0.5 {summary['metrics']['map_50']:.3f} vs {summary['baseline']['model']} "
           f"{summary['baseline']['map_50']:.3f}")  # fmt: skip
+    metrics = summary["metrics"]
+    by_side = ", ".join(f"{side} px {score:.3f}" for side, score in metrics["map_50_by_inference_side"].items())
+    print(f"    inference side chosen on validation: {metrics['inference_side']} px (validation mAP@0.5 "
+          f"{by_side})")  # fmt: skip
     print(summary["verdict"])
 
 

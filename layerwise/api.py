@@ -237,6 +237,9 @@ def fit(
     if calibrate is not None:
         calibrate(network, prepared, log=log)
         run_config.update(prepared.task.to_json())
+    # final_metrics may fit the model config on the validation split (a detector's inference side). run_config
+    # holds that same dict already; set again so that the saved config never rests on the aliasing.
+    run_config["model"]["config"] = prepared.model_config
     baseline = prepared.task.baseline(prepared, settings.seed)
     summary = {
         "metrics": metrics,

@@ -138,7 +138,8 @@ def run_detect_demo(
     write_json(out / "metrics.json", summary)
     console.print(
         f"\n[bold]held-out test scenes ({test_metrics['n_images']} images): mAP@0.5 {test_metrics['map_50']:.3f}[/], "
-        f"mAP@[.5:.95] {test_metrics['map']:.3f}, mAR@100 {test_metrics['mar_100']:.3f}"
+        f"mAP@[.5:.95] {test_metrics['map']:.3f}, mAR@100 {test_metrics['mar_100']:.3f} (detecting at "
+        f"{summary['metrics']['inference_side']} px, the side the validation scenes chose)"
     )
     baseline = summary["baseline"]
     console.print(

@@ -38,6 +38,19 @@ def detect_run(scenes, tmp_path_factory) -> Path:
     return run
 
 
+@pytest.fixture(scope="module")
+def run_at_160(detect_run, tmp_path_factory) -> Path:
+    """The detect run as if validation had chosen 160 px to detect at (the fixture's own choice varies)."""
+    import shutil
+
+    run = tmp_path_factory.mktemp("detect_runs") / "at_160"
+    shutil.copytree(detect_run, run)
+    config = json.loads((run / "config.json").read_text())
+    config["model"]["config"]["inference_side"] = 160
+    (run / "config.json").write_text(json.dumps(config))
+    return run
+
+
 def test_the_task_is_detected_from_the_annotations_and_the_run_is_complete(detect_run: Path) -> None:
     config = json.loads((detect_run / "config.json").read_text())
     assert config["task"] == "detect" and config["model"]["name"] == "fcos_resnet_s"
@@ -73,6 +86,7 @@ def test_validation_takes_loss_and_boxes_from_one_pass_and_scores_them_as_pycoco
 
     model = load(detect_run)
     network, prep = model.network, model.task.prep
+    network.set_inference_side(prep.side)  # as during training, whichever side the run chose afterwards
     pixels, targets, _, _ = decode_annotated(read_detection(test_scenes).images, prep.side)
     images, _ = BoxBatches(pixels, targets, 30, prep.mean, prep.std).batch_at(0, 0)
     boxes = [{"boxes": b, "labels": lab} for b, lab in targets]
@@ -486,7 +500,11 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
-def test_a_detector_exports_and_its_boxes_decode_without_layerwise(cli, detect_run, test_scenes, tmp_path) -> None:
+@pytest.mark.parametrize("run_name", ["detect_run", "run_at_160"])
+def test_a_detector_exports_and_its_boxes_decode_without_layerwise(
+    cli, request, run_name, test_scenes, tmp_path
+) -> None:
+    detect_run = request.getfixturevalue(run_name)
     out = tmp_path / "detector.onnx"
     code, stdout, err = cli("export", detect_run, "--out", out, "--data", test_scenes, "--json")
     assert code == 0, err
@@ -500,3 +518,67 @@ def test_a_detector_exports_and_its_boxes_decode_without_layerwise(cli, detect_r
     assert expected and [b["label"] for b in got] == [b["label"] for b in expected]
     for g, e in zip(got, expected, strict=True):
         assert abs(g["confidence"] - e["confidence"]) < 1e-3 and np.allclose(g["box"], e["box"], atol=0.05)
+
+
+def test_validation_chooses_the_inference_side_and_the_run_keeps_it(detect_run) -> None:
+    from layerwise.api import load
+    from layerwise.models.detector import inference_sides
+
+    summary = json.loads((detect_run / "metrics.json").read_text())["metrics"]
+    config = json.loads((detect_run / "config.json").read_text())
+    by_side = summary["map_50_by_inference_side"]
+    assert list(by_side) == [str(s) for s in inference_sides(128)] == ["128", "160"]
+    assert inference_sides(192) == [192, 256] and inference_sides(512) == [512, 640]  # the nearest multiple of 32
+    best = max(by_side, key=by_side.get)  # the first of a tie, as the task chooses
+    assert summary["inference_side"] == int(best) == config["model"]["config"]["inference_side"]
+    assert summary["map_50"] == pytest.approx(by_side[best], abs=1e-6)
+    assert load(detect_run).network.inference_side == int(best)
+
+
+def test_a_run_detects_at_its_inference_side(cli, detect_run, run_at_160, test_scenes) -> None:
+    from layerwise.api import load
+
+    assert load(run_at_160).network.inference_side == 160
+    image = sorted(test_scenes.rglob("*.png"))[0]
+    found = {}
+    for run in (detect_run, run_at_160):
+        code, stdout, err = cli("detect", run, image, "--threshold", "0.05", "--json")
+        assert code == 0, err
+        found[run] = json.loads(stdout)["boxes"]
+        assert found[run] and all(0 <= v <= 128 for b in found[run] for v in b["box"])  # the image's pixels
+    if load(detect_run).network.inference_side == 128:
+        assert found[detect_run] != found[run_at_160]
+
+
+def test_the_inference_side_leaves_training_alone_and_export_and_explain_follow_it(detect_run, test_scenes) -> None:
+    from layerwise.api import load
+    from layerwise.data.boxes import normalise
+    from layerwise.explain.boxes import box_score, grad_cam
+    from layerwise.models import create_model
+    from layerwise.models.detector import DenseDetections
+
+    legacy = {"num_classes": 5, "side": 128, "head_convs": 1, "head_levels": 1}  # a config saved before the side
+    assert create_model("fcos_resnet_s", **legacy).inference_side == 128
+    model = load(detect_run)
+    network, prep = model.network, model.task.prep
+    image = sorted(test_scenes.rglob("*.png"))[0]
+    x = normalise(torch.from_numpy(letterbox(image, prep.side)[0])[None], prep.mean, prep.std)
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 50.0, 70.0]]), "labels": torch.tensor([1])}]
+    losses = {}
+    for side in (128, 160):
+        network.set_inference_side(side)
+        with torch.no_grad():
+            losses[side] = network.train()(x, [dict(t) for t in targets])
+        network.eval()
+        dense_boxes, dense_scores = DenseDetections(network)(x)
+        with torch.no_grad():
+            top = network(x)[0]  # sorted by score: the first is the best (location, class) pair
+        score, flat = dense_scores[0].flatten().max(0)
+        assert float(score) == pytest.approx(float(top["scores"][0]), abs=1e-5)
+        assert int(flat) % network.num_classes == int(top["labels"][0])
+        assert torch.allclose(dense_boxes[0, int(flat) // network.num_classes], top["boxes"][0], atol=1e-3)
+        cam = grad_cam(network, x, top["boxes"][0], int(top["labels"][0]))
+        assert cam.shape == (prep.side, prep.side) and np.isfinite(cam).all() and 0 <= cam.min() <= cam.max() <= 1
+        _, last_stage = box_score(network, x, top["boxes"][0], int(top["labels"][0]))
+        assert last_stage.shape[-1] == side // 16  # explained at the side it detects at (stride 16)
+    assert all(torch.equal(losses[128][k], losses[160][k]) for k in losses[128])

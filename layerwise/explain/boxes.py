@@ -24,8 +24,11 @@ from layerwise.runtime import model_device
 
 
 def box_score(network, images: torch.Tensor, box: torch.Tensor, label: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(score, last backbone stage activations (1, C, h, w) with their gradient kept) for one letterboxed box."""
+    """(score, last backbone stage activations (1, C, h, w) with their gradient kept) for one letterboxed box,
+    at the size the detector detects at (`Detector.inference_input`)."""
     backbone = network.backbone
+    box = box * (network.inference_side / images.shape[-1])
+    images = network.inference_input(images)
     stage_outputs = backbone.stage_outputs(images)
     last = list(stage_outputs.values())[-1]
     last.retain_grad()
@@ -38,7 +41,7 @@ def box_score(network, images: torch.Tensor, box: torch.Tensor, label: int) -> t
         stride = side / w
         ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
         centres.append(torch.stack([(xs.flatten() + 0.5) * stride, (ys.flatten() + 0.5) * stride], 1))
-    centres = torch.cat(centres).to(images.device)  # (locations, 2) in letterboxed pixels
+    centres = torch.cat(centres).to(images.device)  # (locations, 2) in the resized image's pixels, as `box`
     x0, y0, x1, y1 = box.tolist()
     inside = (centres[:, 0] >= x0) & (centres[:, 0] <= x1) & (centres[:, 1] >= y0) & (centres[:, 1] <= y1)
     if not inside.any():  # a box smaller than one stride: its nearest location

@@ -318,16 +318,24 @@ class DetectTask:
     # ------------------------------------------------------------------ after training
 
     def final_metrics(self, network: nn.Module, prepared: Prepared) -> dict:
-        metric = new_metric(extended=True)
-        detections = []
-        for images, targets in prepared.val_batches.epoch(0):
-            found = [_cpu(d) for d in detect_batch(network, images.to(model_device(network)))]
-            detections += found
-            metric.update(found, targets)
-        prepared.extras["val_detections"] = detections
-        result = metric.compute()
-        prepared.extras["map_result"] = result
-        return summarise_map(result, self.class_names) | {"n_images": len(detections)}
+        """COCO mAP of the best weights on the validation split, at the inference side that scores the highest
+        mAP@0.5 there: the training side or 1.25 times it (`inference_sides`; a tie keeps the training side). The
+        network and the model config keep that side, so every command that detects with the run uses it."""
+        from layerwise.models.detector import inference_sides
+
+        scored = {}
+        for side in inference_sides(self.prep.side):
+            network.set_inference_side(side)
+            scored[side] = validation_map(network, prepared.val_batches)
+        best = max(scored, key=lambda side: float(scored[side][0][self.monitor]))  # max keeps the first of a tie
+        network.set_inference_side(best)
+        prepared.model_config["inference_side"] = best
+        result, detections = scored[best]
+        prepared.extras["map_result"], prepared.extras["val_detections"] = result, detections
+        by_side = {str(side): round(float(r[self.monitor]), 6) for side, (r, _) in scored.items()}
+        return summarise_map(result, self.class_names) | {
+            "n_images": len(detections), "inference_side": best, f"{self.monitor}_by_inference_side": by_side,
+        }  # fmt: skip
 
     def baseline(self, prepared: Prepared, seed: int) -> dict:
         from layerwise.tasks.hog_detector import HogSvmDetector
@@ -570,6 +578,17 @@ def head_config(saved: dict | None, donor, train_boxes: list[torch.Tensor]) -> d
     boxes = torch.cat([b.reshape(-1, 4).float() for b in train_boxes])
     longest = float((boxes[:, 2:] - boxes[:, :2]).max()) if len(boxes) else 0.0
     return {"head_convs": head_convs, "head_levels": head_levels_for(longest * SCALE_JITTER[1])}
+
+
+def validation_map(network: nn.Module, batches) -> tuple[dict, list[dict]]:
+    """torchmetrics' COCO result (with precision/recall) for the detections of `batches`, and the detections."""
+    metric = new_metric(extended=True)
+    detections = []
+    for images, targets in batches.epoch(0):
+        found = [_cpu(d) for d in detect_batch(network, images.to(model_device(network)))]
+        detections += found
+        metric.update(found, targets)
+    return metric.compute(), detections
 
 
 @torch.no_grad()
