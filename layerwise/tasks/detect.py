@@ -327,14 +327,14 @@ class DetectTask:
         for side in inference_sides(self.prep.side):
             network.set_inference_side(side)
             scored[side] = validation_map(network, prepared.val_batches)
-        best = max(scored, key=lambda side: float(scored[side][0][self.monitor]))  # max keeps the first of a tie
+        best = max(scored, key=lambda side: float(scored[side][0]["map_50"]))  # max keeps the first of a tie
         network.set_inference_side(best)
         prepared.model_config["inference_side"] = best
         result, detections = scored[best]
         prepared.extras["map_result"], prepared.extras["val_detections"] = result, detections
-        by_side = {str(side): round(float(r[self.monitor]), 6) for side, (r, _) in scored.items()}
+        by_side = {str(side): round(float(r["map_50"]), 6) for side, (r, _) in scored.items()}
         return summarise_map(result, self.class_names) | {
-            "n_images": len(detections), "inference_side": best, f"{self.monitor}_by_inference_side": by_side,
+            "n_images": len(detections), "inference_side": best, "map_50_by_inference_side": by_side,
         }  # fmt: skip
 
     def baseline(self, prepared: Prepared, seed: int) -> dict:
