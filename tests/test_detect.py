@@ -267,6 +267,15 @@ def test_letterbox_scales_and_pads(tmp_path) -> None:
     assert pixels.shape == (3, 128, 128) and pixels[0, :60].min() == 255 and pixels[:, 70:].max() == 0
 
 
+def test_the_batch_size_asked_for_is_the_one_used(scenes) -> None:
+    from layerwise.tasks.base import FitOptions
+    from layerwise.tasks.detect import DEFAULT_BATCH, DetectTask
+
+    for asked, used in ((None, DEFAULT_BATCH), (4, 4), (32, 32)):  # 32: above the old silent cap of 16
+        prepared = DetectTask.prepare(scenes, FitOptions(batch_size=asked), log=lambda *_: None)
+        assert prepared.batch_size == used and len(next(iter(prepared.train_batches.epoch(0)))[0]) == used
+
+
 def test_batches_are_seeded_and_keep_the_random_stream() -> None:
     images = torch.randint(0, 255, (6, 3, 64, 64), dtype=torch.uint8)
     targets = [(torch.tensor([[5.0, 5.0, 30.0, 30.0]]), torch.tensor([0])) for _ in range(6)]

@@ -33,8 +33,7 @@ DEFAULT_MODEL = "fcos_resnet_s"
 # than 16. Earlier, after 150 s: validation mAP@0.5 0.60 (16, 2e-3), 0.61 (8, 1e-3), 0.56 (16, 1e-3), 0.08 (32,
 # 3e-3: unstable).
 # On a GPU the batch search starts from DEFAULT_BATCH and takes the largest that fits (learning rate scaled).
-DEFAULT_BATCH = 8
-MAX_BATCH = 16  # a larger --batch-size is capped to this
+DEFAULT_BATCH = 8  # --batch-size sets any other, as given
 # One convolution per FCOS head branch (FCOS has four), a fifth less compute per image than two: on the composed
 # scenes with a 5-minute CPU budget four measured no better than two, and one as good as two (test mAP@0.5 0.853
 # against 0.838 on scenes of up to 4 objects, 0.868 against 0.870 up to 6).
@@ -201,7 +200,7 @@ class DetectTask:
         """The Prepared of a detection run, from the files or from a pack: `train_batches(size)` makes its training
         batches; `train_sample` (pixels, targets) is what the classical baseline fits on, `val` the validation
         images held in memory."""
-        batch = min(MAX_BATCH, options.batch_size or DEFAULT_BATCH)
+        batch = options.batch_size or DEFAULT_BATCH
         val_pixels, val_targets = val
         return Prepared(
             task=cls(prep, class_names),
