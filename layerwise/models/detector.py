@@ -184,11 +184,11 @@ class DenseDetections(nn.Module):
         fcos = detector.fcos
         inference = detector.inference_side  # the side the backbone sees (see `Detector.inference_input`)
         divisible = fcos.transform.size_divisible
-        self.padded = -(-inference // divisible) * divisible
-        self.pad = self.padded - inference
+        padded = -(-inference // divisible) * divisible
+        self.pad = padded - inference
         self.to_input_pixels = self.side / inference
         with torch.no_grad():
-            blank = torch.zeros(1, 3, self.padded, self.padded)
+            blank = torch.zeros(1, 3, padded, padded)
             features = list(fcos.backbone(blank).values())
             anchors = fcos.anchor_generator(ImageList(blank, [(inference, inference)]), features)[0]
         self.register_buffer("anchors", anchors, persistent=False)  # (N, 4)
