@@ -124,6 +124,7 @@ def run_detect_demo(
     Training scenes use Fashion-MNIST training images; the test scenes use its test images on other crops.
     """
     from layerwise.api import fit
+    from layerwise.tasks.detect import view_label
 
     started = time.perf_counter()
     out = out or Path("runs") / f"demo-detect-{datetime.now():%Y%m%d-%H%M%S}"
@@ -138,8 +139,8 @@ def run_detect_demo(
     write_json(out / "metrics.json", summary)
     console.print(
         f"\n[bold]held-out test scenes ({test_metrics['n_images']} images): mAP@0.5 {test_metrics['map_50']:.3f}[/], "
-        f"mAP@[.5:.95] {test_metrics['map']:.3f}, mAR@100 {test_metrics['mar_100']:.3f} (detecting at "
-        f"{summary['metrics']['inference_side']} px, the side the validation scenes chose)"
+        f"mAP@[.5:.95] {test_metrics['map']:.3f}, mAR@100 {test_metrics['mar_100']:.3f} (detecting in views of "
+        f"{view_label(summary['metrics']['inference_views'])} px, as the validation scenes chose)"
     )
     baseline = summary["baseline"]
     console.print(

@@ -40,13 +40,29 @@ def detect_run(scenes, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def run_at_160(detect_run, tmp_path_factory) -> Path:
-    """The detect run as if validation had chosen 160 px to detect at (the fixture's own choice varies)."""
+    """The detect run as if validation had chosen one pass at 160 px (the fixture's own choice varies)."""
     import shutil
 
     run = tmp_path_factory.mktemp("detect_runs") / "at_160"
     shutil.copytree(detect_run, run)
     config = json.loads((run / "config.json").read_text())
-    config["model"]["config"]["inference_side"] = 160
+    config["model"]["config"] |= {"inference_side": 160, "inference_views": None}
+    (run / "config.json").write_text(json.dumps(config))
+    return run
+
+
+@pytest.fixture(scope="module")
+def run_with_views(detect_run, tmp_path_factory) -> Path:
+    """The detect run as if validation had chosen its widest test-time views (the fixture's own choice varies)."""
+    import shutil
+
+    from layerwise.models.detector import inference_sides, test_time_views
+
+    run = tmp_path_factory.mktemp("detect_runs") / "with_views"
+    shutil.copytree(detect_run, run)
+    config = json.loads((run / "config.json").read_text())
+    views = test_time_views(inference_sides(128))[-1]
+    config["model"]["config"]["inference_views"] = [list(view) for view in views]
     (run / "config.json").write_text(json.dumps(config))
     return run
 
@@ -86,7 +102,8 @@ def test_validation_takes_loss_and_boxes_from_one_pass_and_scores_them_as_pycoco
 
     model = load(detect_run)
     network, prep = model.network, model.task.prep
-    network.set_inference_side(prep.side)  # as during training, whichever side the run chose afterwards
+    network.set_inference_side(prep.side)  # as during training, whichever side and views the run chose afterwards
+    network.set_inference_views(None)
     pixels, targets, _, _ = decode_annotated(read_detection(test_scenes).images, prep.side)
     images, _ = BoxBatches(pixels, targets, 30, prep.mean, prep.std).batch_at(0, 0)
     boxes = [{"boxes": b, "labels": lab} for b, lab in targets]
@@ -509,7 +526,7 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
-@pytest.mark.parametrize("run_name", ["detect_run", "run_at_160"])
+@pytest.mark.parametrize("run_name", ["detect_run", "run_at_160", "run_with_views"])
 def test_a_detector_exports_and_its_boxes_decode_without_layerwise(
     cli, request, run_name, test_scenes, tmp_path
 ) -> None:
@@ -529,19 +546,88 @@ def test_a_detector_exports_and_its_boxes_decode_without_layerwise(
         assert abs(g["confidence"] - e["confidence"]) < 1e-3 and np.allclose(g["box"], e["box"], atol=0.05)
 
 
-def test_validation_chooses_the_inference_side_and_the_run_keeps_it(detect_run) -> None:
+def test_validation_chooses_the_inference_side_and_views_and_the_run_keeps_them(detect_run) -> None:
     from layerwise.api import load
     from layerwise.models.detector import inference_sides
+    from layerwise.tasks.detect import MIN_VIEWS_GAIN
 
     summary = json.loads((detect_run / "metrics.json").read_text())["metrics"]
-    config = json.loads((detect_run / "config.json").read_text())
+    config = json.loads((detect_run / "config.json").read_text())["model"]["config"]
     by_side = summary["map_50_by_inference_side"]
     assert list(by_side) == [str(s) for s in inference_sides(128)] == ["128", "160"]
     assert inference_sides(192) == [192, 256] and inference_sides(512) == [512, 640]  # the nearest multiple of 32
     best = max(by_side, key=by_side.get)  # the first of a tie, as the task chooses
-    assert summary["inference_side"] == int(best) == config["model"]["config"]["inference_side"]
-    assert summary["map_50"] == pytest.approx(by_side[best], abs=1e-6)
-    assert load(detect_run).network.inference_side == int(best)
+    assert summary["inference_side"] == int(best) == config["inference_side"]
+    by_views = summary["map_50_by_inference_views"]
+    assert list(by_views) == ["128", "160", "128+160", "128+160+128 mirrored+160 mirrored"]
+    assert {k: by_views[k] for k in by_side} == by_side
+    tried = {k: by_views[k] for k in list(by_views)[2:]}
+    widest = max(tried, key=tried.get)
+    network = load(detect_run).network
+    if tried[widest] >= by_side[best] + MIN_VIEWS_GAIN:  # the views earn their cost on validation: kept
+        assert summary["map_50"] == pytest.approx(tried[widest], abs=1e-6)
+        assert "+".join(f"{s} mirrored" if m else str(s) for s, m in config["inference_views"]) == widest
+        assert summary["inference_views"] == config["inference_views"]
+    else:  # one pass at the chosen side
+        assert summary["map_50"] == pytest.approx(by_side[best], abs=1e-6)
+        assert config["inference_views"] is None and summary["inference_views"] == [[int(best), False]]
+    assert network.inference_side == int(best)
+    assert [list(view) for view in network.inference_views] == summary["inference_views"]
+
+
+def test_views_merge_the_candidates_of_each_view_mapped_back_to_the_image(detect_run, test_scenes) -> None:
+    """One unmirrored view is FCOS's own forward; a mirrored view finds, on an image, what the plain view finds on
+    its mirror image, flipped back; and several views find what the export's dense outputs hold (their best
+    candidate), with boxes in the input's pixels."""
+    from layerwise.api import load
+    from layerwise.data.boxes import normalise
+    from layerwise.models.detector import DenseDetections
+
+    model = load(detect_run)
+    network, prep = model.network.eval(), model.task.prep
+    images = sorted(test_scenes.rglob("*.png"))[:3]
+    x = normalise(torch.stack([torch.from_numpy(letterbox(p, prep.side)[0]) for p in images]), prep.mean, prep.std)
+    with torch.no_grad():
+        for side in (128, 160):
+            network.set_inference_side(side)
+            network.set_inference_views(None)
+            for fcos, views in zip(network(x), network.detect_views(x, ((side, False),)), strict=True):
+                assert len(fcos["boxes"]) > 0 and torch.equal(fcos["labels"], views["labels"])
+                torch.testing.assert_close(fcos["boxes"], views["boxes"], atol=1e-4, rtol=0)
+                torch.testing.assert_close(fcos["scores"], views["scores"])
+            mirrored = network.detect_views(x, ((side, True),))
+            plain_of_mirror = network.detect_views(x.flip(-1), ((side, False),))
+            for found, expected in zip(mirrored, plain_of_mirror, strict=True):
+                x0, y0, x1, y1 = expected["boxes"].unbind(1)
+                flipped_back = torch.stack([prep.side - x1, y0, prep.side - x0, y1], 1)
+                torch.testing.assert_close(found["boxes"], flipped_back, atol=1e-4, rtol=0)
+                assert torch.equal(found["labels"], expected["labels"])
+        network.set_inference_views([(128, False), (160, False), (128, True), (160, True)])
+        found = network(x)
+        dense_boxes, dense_scores = DenseDetections(network)(x)
+    sizes = DenseDetections(network).level_sizes  # the plain views' levels, then the mirrored ones'
+    assert dense_boxes.shape[1] == sum(sizes) and sizes[: len(sizes) // 2] == sizes[len(sizes) // 2 :]
+    for i, top in enumerate(found):
+        assert all(0 <= v <= prep.side for v in top["boxes"].flatten().tolist())
+        score, flat = dense_scores[i].flatten().max(0)
+        assert float(score) == pytest.approx(float(top["scores"][0]), abs=1e-5)
+        assert int(flat) % network.num_classes == int(top["labels"][0])
+        assert torch.allclose(dense_boxes[i, int(flat) // network.num_classes], top["boxes"][0], atol=1e-3)
+
+
+def test_detect_uses_the_runs_views_unless_asked_for_one_pass(cli, detect_run, run_with_views, test_scenes) -> None:
+    from layerwise.api import load
+
+    assert len(load(run_with_views).network.inference_views) == 4
+    image = sorted(test_scenes.rglob("*.png"))[0]
+    found = {}
+    for name, run, extra in (("run", detect_run, ["--single-view"]), ("views", run_with_views, []),
+                             ("one pass", run_with_views, ["--single-view"])):  # fmt: skip
+        code, stdout, err = cli("detect", run, image, "--threshold", "0.05", "--json", *extra)
+        assert code == 0, err
+        found[name] = json.loads(stdout)["boxes"]
+        assert found[name] and all(0 <= v <= 128 for b in found[name] for v in b["box"])  # the image's pixels
+    assert found["one pass"] == found["run"] != found["views"]
 
 
 def test_a_run_detects_at_its_inference_side(cli, detect_run, run_at_160, test_scenes) -> None:
@@ -567,9 +653,10 @@ def test_the_inference_side_leaves_training_alone_and_export_and_explain_follow_
     from layerwise.models.detector import DenseDetections
 
     legacy = {"num_classes": 5, "side": 128, "head_convs": 1, "head_levels": 1}  # a config saved before the side
-    assert create_model("fcos_resnet_s", **legacy).inference_side == 128
+    assert create_model("fcos_resnet_s", **legacy).inference_views == ((128, False),)
     model = load(detect_run)
     network, prep = model.network, model.task.prep
+    network.set_inference_views(None)  # one pass at each side in turn
     image = sorted(test_scenes.rglob("*.png"))[0]
     x = normalise(torch.from_numpy(letterbox(image, prep.side)[0])[None], prep.mean, prep.std)
     targets = [{"boxes": torch.tensor([[10.0, 20.0, 50.0, 70.0]]), "labels": torch.tensor([1])}]

@@ -25,10 +25,11 @@ from layerwise.runtime import model_device
 
 def box_score(network, images: torch.Tensor, box: torch.Tensor, label: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(score, last backbone stage activations (1, C, h, w) with their gradient kept) for one letterboxed box,
-    at the size the detector detects at (`Detector.inference_input`)."""
+    as the detector sees it at its inference side (`Detector.view_input`; explained in that one view when the run
+    also detects in test-time views)."""
     backbone = network.backbone
     box = box * (network.inference_side / images.shape[-1])
-    images = network.inference_input(images)
+    images = network.view_input(images, (network.inference_side, False))
     stage_outputs = backbone.stage_outputs(images)
     last = list(stage_outputs.values())[-1]
     last.retain_grad()

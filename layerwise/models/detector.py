@@ -8,7 +8,9 @@ work on it) and the pyramid over its last stages.
 Inputs are images already letterboxed to `side` x `side` and normalised by the task's front end, so
 torchvision's own normalisation is the identity and training never resizes. At inference (eval mode) the
 images are resized to `inference_side` first, which the detect task chooses on validation data after
-training (`inference_sides`); boxes come back in the `side` x `side` input's pixels either way.
+training (`inference_sides`); boxes come back in the `side` x `side` input's pixels either way. The task may
+also choose test-time views (`inference_views`): the image at two sides and mirrored, each view's candidate
+boxes mapped back to the input's pixels and put through one non-maximum suppression.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ CENTER_SAMPLING_RADIUS = 1.5
 # to +0.014) and on their held-out test scenes (+0.009 to +0.018; the thin boxes of trousers and sneakers are placed
 # better on a finer grid); 1.5 lost 0.06-0.08 on test (objects then outgrow the head's pyramid levels).
 LARGER_INFERENCE_SCALE = 1.25
+# A view the detector sees an image in at inference: (the side the backbone sees, mirrored left to right).
+View = tuple[int, bool]
 
 
 class PyramidBackbone(nn.Module):
@@ -86,11 +90,12 @@ class Detector(nn.Module):
     Detections: per image {"boxes": (M, 4) xyxy px in the letterboxed image, "scores": (M,), "labels": (M,)}.
     In eval mode the images (and the targets of `loss_and_detections`) are resized to `inference_side` first;
     validation during training runs at `side`, the inference side until the task chooses one after training.
+    With `inference_views` set, eval mode detects in each view and merges them (`detect_views`).
     """
 
     def __init__(
         self, backbone: PyramidBackbone, num_classes: int, side: int, anchor_sizes: tuple[int, ...], head_convs: int,
-        inference_side: int | None = None,
+        inference_side: int | None = None, inference_views: list[View] | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
         self.side = side
@@ -105,23 +110,29 @@ class Detector(nn.Module):
             nms_thresh=0.5, detections_per_img=100, _skip_resize=True,
         )  # fmt: skip
         self.set_inference_side(inference_side or side)
+        self.set_inference_views(inference_views)
 
     @property
     def inference_side(self) -> int:
         return self.fcos.transform.max_size
 
+    @property
+    def inference_views(self) -> tuple[View, ...]:
+        """The views eval mode detects in: the test-time views when set, else the image at `inference_side`."""
+        return self._views or ((self.inference_side, False),)
+
+    def set_inference_views(self, views: list[View] | None) -> None:
+        """Detect in each of `views` and merge them (`detect_views`); None: one pass at `inference_side`."""
+        if views is not None:
+            views = tuple((int(view_side), bool(mirrored)) for view_side, mirrored in views)
+            if not views or any(view_side < 32 for view_side, _ in views):
+                raise ValueError(f"inference views must be (side >= 32, mirrored) pairs, not {views}")
+        self._views = views
+
     def set_inference_side(self, inference_side: int) -> None:
         """Resize the side x side inputs to `inference_side` x `inference_side` before detecting (eval mode only;
         the boxes are mapped back to the inputs' pixels)."""
         self.fcos.transform.min_size, self.fcos.transform.max_size = (inference_side,), inference_side
-
-    def inference_input(self, images: torch.Tensor) -> torch.Tensor:
-        """Letterboxed images (B, 3, side, side) as the eval-mode transform resizes them for the backbone
-        (bilinear, as torchvision's `_resize_image_and_masks`)."""
-        if self.inference_side == self.side:
-            return images
-        size = (self.inference_side, self.inference_side)
-        return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
 
     @property
     def backbone(self) -> PyramidBackbone:
@@ -142,7 +153,57 @@ class Detector(nn.Module):
         return self.fcos.head(list(features.values()))["cls_logits"]
 
     def forward(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None):
+        if self._views is not None and not self.training:
+            return self.detect_views(images, self._views)
         return self.fcos(list(images), targets)
+
+    def view_input(self, images: torch.Tensor, view: View) -> torch.Tensor:
+        """Letterboxed images (B, 3, side, side) as the backbone sees them in `view`: mirrored, resized (bilinear,
+        as torchvision's transform) and padded at the bottom and right to FCOS's size multiple."""
+        view_side, mirrored = view
+        x = images.flip(-1) if mirrored else images
+        if view_side != self.side:
+            x = F.interpolate(x, size=(view_side, view_side), mode="bilinear", align_corners=False)
+        pad = -view_side % self.fcos.transform.size_divisible
+        return F.pad(x, (0, pad, 0, pad))
+
+    def view_anchors(self, view: View, view_images: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
+        """FCOS's anchors (N, 4) for `view_input`'s images, in the input images' pixels: scaled back and, for a
+        mirrored view, mirrored back. Decode a mirrored view's regression with its left and right distances
+        swapped (`view_regression`): FCOS's box is the anchor's centre minus/plus them times its size."""
+        from torchvision.models.detection.image_list import ImageList
+
+        view_side, mirrored = view
+        sizes = [(view_side, view_side)] * len(view_images)
+        anchors = self.fcos.anchor_generator(ImageList(view_images, sizes), features)[0] * (self.side / view_side)
+        if mirrored:
+            x0, y0, x1, y1 = anchors.unbind(1)
+            anchors = torch.stack([self.side - x1, y0, self.side - x0, y1], 1)
+        return anchors
+
+    @staticmethod
+    def view_regression(view: View, regression: torch.Tensor) -> torch.Tensor:
+        """FCOS's (left, top, right, bottom) distances of a view, as the input images' anchors take them."""
+        return regression[..., [2, 1, 0, 3]] if view[1] else regression
+
+    def detect_views(self, images: torch.Tensor, views: tuple[View, ...]) -> list[dict[str, torch.Tensor]]:
+        """Detections (as eval-mode `forward`) from every view of the images at once: each view's locations are
+        more pyramid levels to FCOS's post-processing (score threshold, top-k per level), and one non-maximum
+        suppression merges what the views found: test-time augmentation at the level of candidates, as YOLOv5's
+        `--augment` does. The detect task chooses the views on validation data (`DetectTask.final_metrics`)."""
+        fcos = self.fcos
+        outputs: dict[str, list[torch.Tensor]] = {"cls_logits": [], "bbox_regression": [], "bbox_ctrness": []}
+        anchors: list[torch.Tensor] = []
+        for view in views:
+            view_images = self.view_input(images, view)
+            features = list(fcos.backbone(view_images).values())
+            head = fcos.head(features)
+            head["bbox_regression"] = self.view_regression(view, head["bbox_regression"])
+            per_level = [f.size(2) * f.size(3) for f in features]
+            for key in outputs:
+                outputs[key] += head[key].split(per_level, dim=1)
+            anchors += self.view_anchors(view, view_images, features).split(per_level)
+        return fcos.postprocess_detections(outputs, [anchors] * len(images), [(self.side, self.side)] * len(images))
 
     def loss_and_detections(
         self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]]
@@ -167,40 +228,37 @@ class Detector(nn.Module):
 class DenseDetections(nn.Module):
     """What `layerwise export` writes for a detector: images (B, 3, side, side), letterboxed and normalised ->
     boxes (B, N, 4) x0 y0 x1 y1 in the letterboxed image's pixels, clipped to it, and scores (B, N, classes),
-    for every one of the N locations of the pyramid levels (finest first), before the score threshold, the
-    per-level top-k and non-maximum suppression that `Detector.forward` applies (torchvision's FCOS).
+    for every one of the N locations of the pyramid levels (finest first) of each of the detector's
+    `inference_views` in turn, before the score threshold, the per-level top-k and non-maximum suppression that
+    `Detector.forward` applies (torchvision's FCOS, over the locations of all views at once).
 
     The same arithmetic as FCOS's own forward and `postprocess_detections`, without their data-dependent
-    steps (which a fixed ONNX graph cannot express and a user does better in numpy): the images are padded
-    to FCOS's size multiple, the anchors of a fixed side are computed once, and
-    score = sqrt(sigmoid(class logit) * sigmoid(centerness)).
+    steps (which a fixed ONNX graph cannot express and a user does better in numpy): each view's images are
+    mirrored, resized and padded as `Detector.view_input` does, the anchors of a fixed side are computed once,
+    and score = sqrt(sigmoid(class logit) * sigmoid(centerness)).
     """
 
     def __init__(self, detector: Detector) -> None:
         super().__init__()
-        from torchvision.models.detection.image_list import ImageList
-
         self.detector, self.side = detector, detector.side
-        fcos = detector.fcos
-        inference = detector.inference_side  # the side the backbone sees (see `Detector.inference_input`)
-        divisible = fcos.transform.size_divisible
-        padded = -(-inference // divisible) * divisible
-        self.pad = padded - inference
-        self.to_input_pixels = self.side / inference
+        self.views = detector.inference_views
+        self.level_sizes: list[int] = []  # locations per pyramid level, the views' levels one after another
         with torch.no_grad():
-            blank = torch.zeros(1, 3, padded, padded)
-            features = list(fcos.backbone(blank).values())
-            anchors = fcos.anchor_generator(ImageList(blank, [(inference, inference)]), features)[0]
-        self.register_buffer("anchors", anchors, persistent=False)  # (N, 4)
-        self.level_sizes = [f.shape[2] * f.shape[3] for f in features]
+            for index, view in enumerate(self.views):
+                blank = detector.view_input(torch.zeros(1, 3, self.side, self.side), view)
+                features = list(detector.fcos.backbone(blank).values())
+                anchors = detector.view_anchors(view, blank, features)  # (N, 4) in the input's pixels
+                self.register_buffer(f"anchors_{index}", anchors, persistent=False)
+                self.level_sizes += [f.shape[2] * f.shape[3] for f in features]
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fcos = self.detector.fcos
-        resized = F.pad(self.detector.inference_input(images), (0, self.pad, 0, self.pad))
-        out = fcos.head(list(fcos.backbone(resized).values()))
-        boxes = fcos.box_coder.decode(out["bbox_regression"], self.anchors) * self.to_input_pixels
-        scores = torch.sqrt(torch.sigmoid(out["cls_logits"]) * torch.sigmoid(out["bbox_ctrness"]))
-        return boxes.clamp(0, self.side), scores
+        fcos, boxes, scores = self.detector.fcos, [], []
+        for index, view in enumerate(self.views):
+            out = fcos.head(list(fcos.backbone(self.detector.view_input(images, view)).values()))
+            regression = self.detector.view_regression(view, out["bbox_regression"])
+            boxes.append(fcos.box_coder.decode(regression, getattr(self, f"anchors_{index}")))
+            scores.append(torch.sqrt(torch.sigmoid(out["cls_logits"]) * torch.sigmoid(out["bbox_ctrness"])))
+        return torch.cat(boxes, 1).clamp(0, self.side), torch.cat(scores, 1)
 
 
 def head_levels_for(longest_side: float) -> int:
@@ -225,9 +283,16 @@ def inference_sides(side: int) -> list[int]:
     return [side, 32 * math.floor(side * LARGER_INFERENCE_SCALE / 32 + 0.5)]
 
 
+def test_time_views(sides: list[int]) -> list[tuple[View, ...]]:
+    """The test-time views to try for a detector with these inference sides, cheapest first: every side, then
+    every side and its mirror image."""
+    plain = tuple((side, False) for side in sides)
+    return [plain, plain + tuple((side, True) for side in sides)]
+
+
 def build_detector(
     backbone_name: str, num_classes: int, side: int, head_convs: int, head_levels: int, width: int = 64,
-    inference_side: int | None = None,
+    inference_side: int | None = None, inference_views: list[View] | None = None,
 ) -> Detector:  # fmt: skip
     """A detector on a registered ResNet backbone (RGB input, stride-2 stem) with pyramid levels at strides 8-32,
     the first `head_levels` of them with the head."""
@@ -237,7 +302,7 @@ def build_detector(
     channels = tuple(stage[-1].conv2.out_channels for name, stage in classifier.named_stages() if name in levels)
     backbone = PyramidBackbone(classifier.stages, levels, channels, width, head_levels)
     anchor_sizes = ANCHOR_SIZES[:head_levels]
-    return Detector(backbone, num_classes, side, anchor_sizes, head_convs, inference_side)
+    return Detector(backbone, num_classes, side, anchor_sizes, head_convs, inference_side, inference_views)
 
 
 # Convolutions per head branch when a model config does not say: two, what detect runs saved before the config
@@ -251,16 +316,20 @@ SAVED_HEAD_LEVELS = len(ANCHOR_SIZES)
 @register_model("fcos_resnet_s", modalities=("image",), tasks=("detect",))
 def fcos_resnet_s(
     num_classes: int, side: int, head_convs: int = SAVED_HEAD_CONVS, head_levels: int = SAVED_HEAD_LEVELS,
-    inference_side: int | None = None,
+    inference_side: int | None = None, inference_views: list[View] | None = None,
 ) -> Detector:  # fmt: skip
-    return build_detector("resnet_s", num_classes, side, head_convs, head_levels, inference_side=inference_side)
+    return build_detector(
+        "resnet_s", num_classes, side, head_convs, head_levels, inference_side=inference_side,
+        inference_views=inference_views,
+    )  # fmt: skip
 
 
 @register_model("fcos_resnet_m", modalities=("image",), tasks=("detect",))
 def fcos_resnet_m(
     num_classes: int, side: int, head_convs: int = SAVED_HEAD_CONVS, head_levels: int = SAVED_HEAD_LEVELS,
-    inference_side: int | None = None,
+    inference_side: int | None = None, inference_views: list[View] | None = None,
 ) -> Detector:  # fmt: skip
     return build_detector(
-        "resnet_m", num_classes, side, head_convs, head_levels, width=96, inference_side=inference_side
-    )
+        "resnet_m", num_classes, side, head_convs, head_levels, width=96, inference_side=inference_side,
+        inference_views=inference_views,
+    )  # fmt: skip

@@ -41,6 +41,11 @@ HEAD_CONVS = 1
 DEFAULT_LR = 2e-3
 EVAL_BATCH = 32
 DEFAULT_THRESHOLD = 0.3  # detections below this confidence are not reported by `detect` / `predict`
+# Test-time views must beat one pass on validation mAP@0.5 by this much to be kept: they cost two to four passes,
+# and 600 validation scenes measure mAP@0.5 to about +-0.005. On the demo's 5-minute detectors, both sides plus
+# their mirror images gained 0.014-0.017 test mAP@0.5 over one pass at 160 px (0.910-0.914) and both sides alone
+# 0.008-0.012; mirror images alone 0.005-0.007, which is why they are not a candidate on their own.
+MIN_VIEWS_GAIN = 0.005
 REPORT_IMAGES = 12
 STATS_SAMPLE = 500  # images the per-channel mean/std are measured on
 MAX_BASELINE_IMAGES = 600  # training images the HOG + SVM baseline is fitted on
@@ -317,23 +322,46 @@ class DetectTask:
     # ------------------------------------------------------------------ after training
 
     def final_metrics(self, network: nn.Module, prepared: Prepared) -> dict:
-        """COCO mAP of the best weights on the validation split, at the inference side that scores the highest
-        mAP@0.5 there: the training side or 1.25 times it (`inference_sides`; a tie keeps the training side). The
-        network and the model config keep that side, so every command that detects with the run uses it."""
-        from layerwise.models.detector import inference_sides
+        """COCO mAP of the best weights on the validation split, detecting as scores the highest mAP@0.5 there.
 
+        First the inference side: the training side or 1.25 times it (`inference_sides`; a tie keeps the training
+        side). Then test-time views (`test_time_views`): both sides, and both sides plus their mirror images,
+        merged by one non-maximum suppression; kept only when they beat the one pass by MIN_VIEWS_GAIN, since
+        they cost two to four passes. The network and the model config keep the choice, so every command that
+        detects with the run uses it."""
+        from layerwise.models.detector import inference_sides, test_time_views
+
+        def map_50(result_and_detections: tuple[dict, list]) -> float:
+            return float(result_and_detections[0]["map_50"])
+
+        sides = inference_sides(self.prep.side)
+        network.set_inference_views(None)
         scored = {}
-        for side in inference_sides(self.prep.side):
+        for side in sides:
             network.set_inference_side(side)
             scored[side] = validation_map(network, prepared.val_batches)
-        best = max(scored, key=lambda side: float(scored[side][0]["map_50"]))  # max keeps the first of a tie
+        best = max(scored, key=lambda side: map_50(scored[side]))  # max keeps the first of a tie
         network.set_inference_side(best)
+        tried = {}
+        for candidate in test_time_views(sides):
+            network.set_inference_views(candidate)
+            tried[candidate] = validation_map(network, prepared.val_batches)
+        views = max(tried, key=lambda candidate: map_50(tried[candidate]))  # a tie keeps the one with fewer views
+        if map_50(tried[views]) >= map_50(scored[best]) + MIN_VIEWS_GAIN:
+            result, detections = tried[views]
+        else:
+            views, (result, detections) = None, scored[best]
+        network.set_inference_views(views)
         prepared.model_config["inference_side"] = best
-        result, detections = scored[best]
+        prepared.model_config["inference_views"] = [list(view) for view in views] if views else None
         prepared.extras["map_result"], prepared.extras["val_detections"] = result, detections
-        by_side = {str(side): round(float(r["map_50"]), 6) for side, (r, _) in scored.items()}
+        by_side = {str(side): round(map_50(scored[side]), 6) for side in sides}
+        by_views = {view_label(((side, False),)): by_side[str(side)] for side in sides}
+        by_views |= {view_label(candidate): round(map_50(tried[candidate]), 6) for candidate in tried}
         return summarise_map(result, self.class_names) | {
             "n_images": len(detections), "inference_side": best, "map_50_by_inference_side": by_side,
+            "inference_views": [list(view) for view in network.inference_views],
+            "map_50_by_inference_views": by_views,
         }  # fmt: skip
 
     def baseline(self, prepared: Prepared, seed: int) -> dict:
@@ -471,13 +499,15 @@ class DetectTask:
         dense = DenseDetections(network).eval()
         meaning = (
             "boxes (batch, N, 4): x0, y0, x1, y1 in the letterboxed image's pixels for each of the N locations "
-            f"(pyramid levels of {', '.join(map(str, dense.level_sizes))} locations, finest first); scores "
-            "(batch, N, classes): each location's confidence per class in the order of class_labels"
+            f"(pyramid levels of {', '.join(map(str, dense.level_sizes))} locations, finest first, the levels of "
+            f"each inference view in turn: {view_label(dense.views)} px, 'mirrored' meaning the image flipped left "
+            "to right, whose boxes are already flipped back); scores (batch, N, classes): each location's "
+            "confidence per class in the order of class_labels"
         )
         return [Graph(dense, (inputs,), ("images",), ("boxes", "scores"), ({0: batch},), meaning)]
 
     def export_decoding(self) -> str:
-        fcos = "score > 0.05, at most 1,000 (location, class) pairs per pyramid level, the best first"
+        fcos = "score > 0.05, at most 1,000 (location, class) pairs per pyramid level (of every view), the best first"
         return (
             "Input: letterbox each image: scale = side / max(width, height); resize it (bilinear) to "
             "round(width * scale) x round(height * scale); paste it at the top-left of a black side x side RGB "
@@ -577,6 +607,11 @@ def head_config(saved: dict | None, donor, train_boxes: list[torch.Tensor]) -> d
     boxes = torch.cat([b.reshape(-1, 4).float() for b in train_boxes])
     longest = float((boxes[:, 2:] - boxes[:, :2]).max()) if len(boxes) else 0.0
     return {"head_convs": head_convs, "head_levels": head_levels_for(longest * SCALE_JITTER[1])}
+
+
+def view_label(views) -> str:
+    """How metrics.json names a set of inference views: "128", "128+160", "128+160+128 mirrored+160 mirrored"."""
+    return "+".join(f"{side} mirrored" if mirrored else str(side) for side, mirrored in views)
 
 
 def validation_map(network: nn.Module, batches) -> tuple[dict, list[dict]]:
