@@ -103,7 +103,7 @@ def run_bare(model: nn.Module, data: Data, config: TrainConfig) -> int:
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
     model = prepare_model(model, device)  # channels_last, as layerwise does
-    optimizer = make_optimizer(model, config)  # fused on the CPU and GPUs, as in `train()`
+    optimizer = make_optimizer(model, config, fused=True)  # as `train()` in one process (on a GPU: bf16 or fp32)
     # On a GPU the data is held there, as `train()` holds it (training/memory.py); on the CPU these are no-ops.
     train_x, train_y = data.train_x.to(device), data.train_y.to(device)
     val_x, val_y = data.val_x.to(device), data.val_y.to(device)

@@ -435,8 +435,8 @@ def detect_command(
         bool,
         typer.Option(
             "--single-view",
-            help="One pass at the run's inference side, without the test-time views its validation chose (2-4x "
-            "faster; see inference_views in metrics.json).",
+            help="One pass at the run's inference side, without the test-time views its validation chose (about "
+            "3x faster than four views; see inference_views in metrics.json).",
         ),
     ] = False,
 ) -> None:

@@ -615,6 +615,30 @@ def test_views_merge_the_candidates_of_each_view_mapped_back_to_the_image(detect
         assert torch.allclose(dense_boxes[i, int(flat) // network.num_classes], top["boxes"][0], atol=1e-3)
 
 
+def test_views_are_kept_when_they_beat_one_pass_by_the_margin() -> None:
+    from layerwise.tasks.detect import MIN_VIEWS_GAIN, choose_inference
+
+    both, mirrored = ((128, False), (160, False)), ((128, False), (160, False), (128, True), (160, True))
+    assert choose_inference({128: 0.80, 160: 0.82}, {both: 0.82 + MIN_VIEWS_GAIN, mirrored: 0.83}) == (160, mirrored)
+    assert choose_inference({128: 0.80, 160: 0.82}, {both: 0.83, mirrored: 0.83}) == (160, both)  # fewer views
+    assert choose_inference({128: 0.80, 160: 0.82}, {both: 0.8249, mirrored: 0.8249}) == (160, None)
+    assert choose_inference({128: 0.82, 160: 0.82}, {both: 0.80, mirrored: 0.81}) == (128, None)  # tie: training side
+
+
+def test_one_side_clears_the_views_and_views_take_letterboxed_images_at_multiples_of_32() -> None:
+    from layerwise.models import create_model
+
+    network = create_model("fcos_resnet_s", num_classes=3, side=128, head_convs=1, head_levels=1,
+                           inference_views=[[128, False], [160, True]])  # fmt: skip
+    assert network.inference_views == ((128, False), (160, True))
+    network.set_inference_side(160)
+    assert network.inference_views == ((160, False),)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        network.set_inference_views([(150, False)])
+    with pytest.raises(ValueError, match="letterboxed 128 x 128"):
+        network.view_input(torch.zeros(1, 3, 100, 128), (128, False))
+
+
 def test_detect_uses_the_runs_views_unless_asked_for_one_pass(cli, detect_run, run_with_views, test_scenes) -> None:
     from layerwise.api import load
 
@@ -636,8 +660,8 @@ def test_a_run_detects_at_its_inference_side(cli, detect_run, run_at_160, test_s
     assert load(run_at_160).network.inference_side == 160
     image = sorted(test_scenes.rglob("*.png"))[0]
     found = {}
-    for run in (detect_run, run_at_160):
-        code, stdout, err = cli("detect", run, image, "--threshold", "0.05", "--json")
+    for run in (detect_run, run_at_160):  # one pass each, whatever views detect_run's validation chose
+        code, stdout, err = cli("detect", run, image, "--threshold", "0.05", "--json", "--single-view")
         assert code == 0, err
         found[run] = json.loads(stdout)["boxes"]
         assert found[run] and all(0 <= v <= 128 for b in found[run] for v in b["box"])  # the image's pixels

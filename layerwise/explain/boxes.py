@@ -26,7 +26,7 @@ from layerwise.runtime import model_device
 def box_score(network, images: torch.Tensor, box: torch.Tensor, label: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(score, last backbone stage activations (1, C, h, w) with their gradient kept) for one letterboxed box,
     as the detector sees it at its inference side (`Detector.view_input`; explained in that one view when the run
-    also detects in test-time views)."""
+    also detects in test-time views). Sides are multiples of 32, so the view needs no padding."""
     backbone = network.backbone
     box = box * (network.inference_side / images.shape[-1])
     images = network.view_input(images, (network.inference_side, False))

@@ -125,14 +125,15 @@ class Detector(nn.Module):
         """Detect in each of `views` and merge them (`detect_views`); None: one pass at `inference_side`."""
         if views is not None:
             views = tuple((int(view_side), bool(mirrored)) for view_side, mirrored in views)
-            if not views or any(view_side < 32 for view_side, _ in views):
-                raise ValueError(f"inference views must be (side >= 32, mirrored) pairs, not {views}")
+            if not views or any(view_side < 32 or view_side % 32 for view_side, _ in views):
+                raise ValueError(f"inference views must be (side, mirrored) pairs, sides multiples of 32: {views}")
         self._views = views
 
     def set_inference_side(self, inference_side: int) -> None:
-        """Resize the side x side inputs to `inference_side` x `inference_side` before detecting (eval mode only;
-        the boxes are mapped back to the inputs' pixels)."""
+        """Detect in one pass, the side x side inputs resized to `inference_side` x `inference_side` first (eval
+        mode only; the boxes are mapped back to the inputs' pixels). Clears any test-time views."""
         self.fcos.transform.min_size, self.fcos.transform.max_size = (inference_side,), inference_side
+        self._views = None
 
     @property
     def backbone(self) -> PyramidBackbone:
@@ -158,14 +159,15 @@ class Detector(nn.Module):
         return self.fcos(list(images), targets)
 
     def view_input(self, images: torch.Tensor, view: View) -> torch.Tensor:
-        """Letterboxed images (B, 3, side, side) as the backbone sees them in `view`: mirrored, resized (bilinear,
-        as torchvision's transform) and padded at the bottom and right to FCOS's size multiple."""
+        """Letterboxed images (B, 3, side, side) as the backbone sees them in `view`: mirrored and resized
+        (bilinear, as torchvision's transform). Sides are multiples of 32, FCOS's size multiple: no padding."""
+        if images.shape[-2:] != (self.side, self.side):
+            raise ValueError(f"the detector takes letterboxed {self.side} x {self.side} images, not {images.shape}")
         view_side, mirrored = view
         x = images.flip(-1) if mirrored else images
         if view_side != self.side:
             x = F.interpolate(x, size=(view_side, view_side), mode="bilinear", align_corners=False)
-        pad = -view_side % self.fcos.transform.size_divisible
-        return F.pad(x, (0, pad, 0, pad))
+        return x
 
     def view_anchors(self, view: View, view_images: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
         """FCOS's anchors (N, 4) for `view_input`'s images, in the input images' pixels: scaled back and, for a
@@ -208,7 +210,8 @@ class Detector(nn.Module):
     def loss_and_detections(
         self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]]
     ) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
-        """FCOS's loss dict and its detections from one pass, for validation. torchvision's FCOS returns the loss
+        """FCOS's loss dict and its detections from one pass at `inference_side`, for validation during training
+        (test-time views are chosen after it and not used here). torchvision's FCOS returns the loss
         only in train mode and detections only in eval mode, and two passes cost validation twice the time; these
         are the steps of its `forward`, both branches taken. Call in eval mode (BatchNorm on its running stats)."""
         fcos = self.fcos

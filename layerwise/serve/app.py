@@ -178,7 +178,7 @@ def create_app(bundle, config: ServeConfig, run_dir: Path) -> FastAPI:
         if "predict" not in bundle.task.commands:
             raise HTTPError(400, f"this is a {bundle.task.name} run; use /generate")
         examples, names = await read_inputs(request, bundle, config, Path(uploads.name))
-        if hasattr(bundle.task, "detect"):  # boxes: one pass per request (images differ in size)
+        if hasattr(bundle.task, "detect"):  # boxes: one detector call per request (images differ in size)
             return await detect_uploads(examples, names)
         try:
             results = await batcher.predict(examples, k)

@@ -331,37 +331,29 @@ class DetectTask:
         detects with the run uses it."""
         from layerwise.models.detector import inference_sides, test_time_views
 
-        def map_50(result_and_detections: tuple[dict, list]) -> float:
-            return float(result_and_detections[0]["map_50"])
-
         sides = inference_sides(self.prep.side)
-        network.set_inference_views(None)
-        scored = {}
+        one_pass, with_views = {}, {}  # -> (COCO result, detections) on the validation split
         for side in sides:
             network.set_inference_side(side)
-            scored[side] = validation_map(network, prepared.val_batches)
-        best = max(scored, key=lambda side: map_50(scored[side]))  # max keeps the first of a tie
-        network.set_inference_side(best)
-        tried = {}
+            one_pass[side] = validation_map(network, prepared.val_batches)
         for candidate in test_time_views(sides):
             network.set_inference_views(candidate)
-            tried[candidate] = validation_map(network, prepared.val_batches)
-        views = max(tried, key=lambda candidate: map_50(tried[candidate]))  # a tie keeps the one with fewer views
-        if map_50(tried[views]) >= map_50(scored[best]) + MIN_VIEWS_GAIN:
-            result, detections = tried[views]
-        else:
-            views, (result, detections) = None, scored[best]
+            with_views[candidate] = validation_map(network, prepared.val_batches)
+        by_side = {side: round(float(result["map_50"]), 6) for side, (result, _) in one_pass.items()}
+        by_views = {views: round(float(result["map_50"]), 6) for views, (result, _) in with_views.items()}
+        best, views = choose_inference(by_side, by_views)
+        network.set_inference_side(best)
         network.set_inference_views(views)
+        result, detections = with_views[views] if views else one_pass[best]
         prepared.model_config["inference_side"] = best
         prepared.model_config["inference_views"] = [list(view) for view in views] if views else None
         prepared.extras["map_result"], prepared.extras["val_detections"] = result, detections
-        by_side = {str(side): round(map_50(scored[side]), 6) for side in sides}
-        by_views = {view_label(((side, False),)): by_side[str(side)] for side in sides}
-        by_views |= {view_label(candidate): round(map_50(tried[candidate]), 6) for candidate in tried}
+        labelled = {view_label(((side, False),)): score for side, score in by_side.items()}
+        labelled |= {view_label(candidate): score for candidate, score in by_views.items()}
         return summarise_map(result, self.class_names) | {
-            "n_images": len(detections), "inference_side": best, "map_50_by_inference_side": by_side,
-            "inference_views": [list(view) for view in network.inference_views],
-            "map_50_by_inference_views": by_views,
+            "n_images": len(detections), "inference_side": best,
+            "map_50_by_inference_side": {str(side): score for side, score in by_side.items()},
+            "inference_views": [list(view) for view in network.inference_views], "map_50_by_inference_views": labelled,
         }  # fmt: skip
 
     def baseline(self, prepared: Prepared, seed: int) -> dict:
@@ -607,6 +599,17 @@ def head_config(saved: dict | None, donor, train_boxes: list[torch.Tensor]) -> d
     boxes = torch.cat([b.reshape(-1, 4).float() for b in train_boxes])
     longest = float((boxes[:, 2:] - boxes[:, :2]).max()) if len(boxes) else 0.0
     return {"head_convs": head_convs, "head_levels": head_levels_for(longest * SCALE_JITTER[1])}
+
+
+def choose_inference(one_pass: dict[int, float], with_views: dict[tuple, float]) -> tuple[int, tuple | None]:
+    """From validation mAP@0.5 by inference side (one pass) and by set of test-time views: the side (the best; the
+    first of a tie) and the views (the best, the first of a tie: the fewer views), or None when they do not beat
+    one pass at that side by MIN_VIEWS_GAIN."""
+    side = max(one_pass, key=lambda s: one_pass[s])
+    views = max(with_views, key=lambda v: with_views[v], default=None)
+    if views is None or with_views[views] < one_pass[side] + MIN_VIEWS_GAIN:
+        return side, None
+    return side, views
 
 
 def view_label(views) -> str:

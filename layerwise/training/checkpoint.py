@@ -118,7 +118,7 @@ def restore_training_tensors(checkpoint: Checkpoint, model: nn.Module, optimizer
             for key, value in state.items():
                 if value.shape == param.shape:
                     state[key] = shaped_like(value, param)
-    # The optimizer's implementation is this process's (fused on a GPU, not on a CPU), whichever one saved it.
+    # The optimizer's implementation is this process's (fused or not: see `make_optimizer`), whichever one saved it.
     groups = [
         saved | {k: current[k] for k in ("fused", "foreach") if k in current}
         for saved, current in zip(saved_groups, optimizer.param_groups, strict=True)

@@ -64,7 +64,6 @@ ROLLBACK_LR_FACTOR = 0.1
 # steps instead of after each: every read waits for the GPU to finish, and then the GPU waits for the host to
 # launch the next step. A non-finite step is still skipped at once, on the GPU (see `_apply_gradients`).
 SETTLE_EVERY = 16
-FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # where PyTorch's AdamW has a fused kernel
 
 
 @dataclass(frozen=True)
@@ -211,8 +210,8 @@ def stage_depths(model: nn.Module) -> dict[str, int]:
 
 def make_optimizer(model: nn.Module, config: TrainConfig, fused: bool | None = None) -> torch.optim.AdamW:
     """AdamW; biases, norms and embeddings (1-D or position tables) get no weight decay. `fused` (default: on the
-    CPU and CUDA, where PyTorch has the kernel): one kernel per step, which on a GPU can also skip a step on the
-    device's word (`found_inf`) without the host waiting. On the CPU it is 4-10x faster than PyTorch's default
+    CPU): one kernel per step, which on a GPU can also skip a step on the device's word (`found_inf`) without the
+    host waiting (the loop asks for it there). On the CPU it is 4-10x faster than PyTorch's default
     loop over tensors (`benchmarks/optimizer_step.py`: the detector's step 0.5 ms instead of 2.8, about 4% of a
     training step; gpt_small's 2.4 instead of 24); the same update up to float rounding (3e-8 after 20 steps).
 
@@ -235,7 +234,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig, fused: bool | None = N
         for (depth, no_decay), params in sorted(groups.items())
     ]  # fmt: skip
     if fused is None:
-        fused = next(model.parameters()).device.type in FUSED_ADAMW_DEVICES
+        fused = next(model.parameters()).device.type == "cpu"
     return torch.optim.AdamW(param_groups, lr=config.lr, betas=(0.9, 0.99), fused=fused)
 
 
@@ -367,7 +366,9 @@ def train_in_group(
     # On a single GPU (not fp16, whose scaler reads its overflow check on the host), the host does not wait for
     # each step: outcomes are settled every SETTLE_EVERY steps. Elsewhere every step is settled as it ends.
     deferred = device.type == "cuda" and precision != "fp16" and not group.distributed
-    optimizer = make_optimizer(trained, config, fused=False if sharded else None)
+    # Fused AdamW on the CPU (one kernel instead of a Python loop over the weights) and where the steps are
+    # deferred; not on sharded weights, and not yet on GPUs otherwise (fp16, several processes: not run there).
+    optimizer = make_optimizer(trained, config, fused=deferred or (device.type == "cpu" and not sharded))
     # fp16 overflows where bf16 does not: its loss is scaled up, and steps with inf gradients are skipped
     # by the scaler (which lowers the scale) rather than counted as divergence.
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
