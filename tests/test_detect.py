@@ -38,33 +38,31 @@ def detect_run(scenes, tmp_path_factory) -> Path:
     return run
 
 
+def copy_choosing(run: Path, copy: Path, **model_config) -> Path:
+    """A copy of `run` whose model config says `model_config`: as if its validation had chosen them."""
+    import shutil
+
+    shutil.copytree(run, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["model"]["config"] |= model_config
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
 @pytest.fixture(scope="module")
 def run_at_160(detect_run, tmp_path_factory) -> Path:
     """The detect run as if validation had chosen one pass at 160 px (the fixture's own choice varies)."""
-    import shutil
-
-    run = tmp_path_factory.mktemp("detect_runs") / "at_160"
-    shutil.copytree(detect_run, run)
-    config = json.loads((run / "config.json").read_text())
-    config["model"]["config"] |= {"inference_side": 160, "inference_views": None}
-    (run / "config.json").write_text(json.dumps(config))
-    return run
+    return copy_choosing(detect_run, tmp_path_factory.mktemp("detect_runs") / "at_160", inference_side=160,
+                         inference_views=None)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def run_with_views(detect_run, tmp_path_factory) -> Path:
     """The detect run as if validation had chosen its widest test-time views (the fixture's own choice varies)."""
-    import shutil
-
     from layerwise.models.detector import inference_sides, test_time_views
 
-    run = tmp_path_factory.mktemp("detect_runs") / "with_views"
-    shutil.copytree(detect_run, run)
-    config = json.loads((run / "config.json").read_text())
-    views = test_time_views(inference_sides(128))[-1]
-    config["model"]["config"]["inference_views"] = [list(view) for view in views]
-    (run / "config.json").write_text(json.dumps(config))
-    return run
+    views = [list(view) for view in test_time_views(inference_sides(128))[-1]]
+    return copy_choosing(detect_run, tmp_path_factory.mktemp("detect_runs") / "with_views", inference_views=views)
 
 
 def test_the_task_is_detected_from_the_annotations_and_the_run_is_complete(detect_run: Path) -> None:

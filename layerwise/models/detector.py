@@ -237,7 +237,7 @@ class DenseDetections(nn.Module):
 
     The same arithmetic as FCOS's own forward and `postprocess_detections`, without their data-dependent
     steps (which a fixed ONNX graph cannot express and a user does better in numpy): each view's images are
-    mirrored, resized and padded as `Detector.view_input` does, the anchors of a fixed side are computed once,
+    mirrored and resized as `Detector.view_input` does, the anchors of a fixed side are computed once,
     and score = sqrt(sigmoid(class logit) * sigmoid(centerness)).
     """
 
