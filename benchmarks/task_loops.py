@@ -8,7 +8,7 @@ hand-written loop over the same batches with the same task loss and optimizer; t
 the loop itself (learning-rate schedule, clipping, NaN guard, the rank agreement, progress, checkpoint
 bookkeeping). Target: >= 0.97 for every task.
 
-    .venv/bin/python benchmarks/task_loops.py [--rounds 3] [--steps 12] [--tasks classify ... fold]
+    .venv/bin/python benchmarks/task_loops.py [--rounds 5] [--steps 24] [--tasks classify ... fold]
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ def structures(folder: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=12, help="training batches per timed run")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=24, help="training batches per timed run")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=TASKS, help="which tasks (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(2)
