@@ -214,7 +214,13 @@ def fit(
             log(f"{run_dir}: the run has already finished ({checkpoint.state['loop']['stop_reason']}); nothing to do")
             return load_finished(run_dir)
     if run_dir is not None and group.writes_run:
-        write_json(run_dir / CONFIG_FILE, run_config)
+        # A resumed run's model.safetensors and metrics.json stay the saved run's until it ends, so its config keeps
+        # the model and task settings fitted after that run's training (a detector's inference side and views, a
+        # temperature) and takes the new training settings and data record: killed midway, it loads as it was.
+        on_disk = (
+            run_config if saved is None else saved | {k: run_config[k] for k in ("layerwise_version", "train", "data")}
+        )
+        write_json(run_dir / CONFIG_FILE, on_disk)
         write_json(run_dir / "problems.json", {"skipped": [p.to_json() for p in prepared.problems]})
     n_params = sum(p.numel() for p in network.parameters())
     processes = f", {group.world_size} processes" if group.distributed else ""

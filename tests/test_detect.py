@@ -573,6 +573,28 @@ def test_validation_chooses_the_inference_side_and_views_and_the_run_keeps_them(
     assert [list(view) for view in network.inference_views] == summary["inference_views"]
 
 
+def test_a_resumed_run_loads_as_it_was_until_it_ends(run_at_160, scenes, tmp_path, monkeypatch) -> None:
+    """--resume --epochs N of a finished run: while it trains, model.safetensors and metrics.json are the old run's,
+    so config.json keeps the inference side fitted after its training; the new training settings are saved."""
+    import shutil
+
+    import layerwise.api as api
+
+    run = shutil.copytree(run_at_160, tmp_path / "run")
+    seen = []
+
+    def log(message: str) -> None:
+        if message.startswith("resuming from"):  # training has begun: the point where a kill would leave the run
+            config = json.loads((run / "config.json").read_text())
+            seen.append((config["model"]["config"]["inference_side"], config["train"]["epochs"]))
+            seen.append(api.load(run).network.inference_side)
+
+    monkeypatch.setattr(api, "say", log)
+    api.fit(scenes, run, epochs=4, resume=True, show_progress=False)
+    assert seen == [(160, 4), 160]
+    assert len((run / "history.jsonl").read_text().splitlines()) == 4
+
+
 def test_views_merge_the_candidates_of_each_view_mapped_back_to_the_image(detect_run, test_scenes) -> None:
     """One unmirrored view is FCOS's own forward; a mirrored view finds, on an image, what the plain view finds on
     its mirror image, flipped back; and several views find what the export's dense outputs hold (their best
