@@ -89,6 +89,9 @@ def test_training_writes_a_complete_run_with_a_leak_free_split(fold_run):
     summary = json.loads((fold_run / "metrics.json").read_text())
     config = json.loads((fold_run / "config.json").read_text())
     assert config["task"] == "fold" and config["modality"] == "protein"
+    assert config["model"]["config"] == {"geometry_confidence": True}  # pLDDT reads the structure's geometry
+    fit = summary["metrics"]["plddt_fit"]  # and its head was fitted again on whole training chains
+    assert fit["chains"] == min(400, config["data"]["n_train"]) and fit["loss_after"] < fit["loss_before"]
     metrics = summary["metrics"]
     for key in ("lddt_ca", "rmsd", "gdt_ts", "tm_score", "plddt_pearson"):
         assert key in metrics
@@ -221,3 +224,26 @@ def test_the_demo_filter_finds_relatives_across_sets():
     pairs = similar_pairs([CYTOCHROME_C], [unrelated, relative])
     assert (0, 1) in pairs and (0, 0) not in pairs
     assert identity(CYTOCHROME_C, relative) > 0.9 and identity(CYTOCHROME_C, unrelated) < 0.3
+
+
+def test_the_plddt_head_is_fitted_on_whole_chains_and_nothing_else_moves(monkeypatch) -> None:
+    import layerwise.tasks.fold_confidence as fold_confidence
+    from layerwise.data.structures import read_structures
+    from layerwise.models import create_model
+
+    chains, _, _ = read_structures(THESEUS_EXAMPLES / "cytochromes")
+    torch.manual_seed(0)
+    network = create_model("fold_xs", geometry_confidence=True)
+    before = {name: p.detach().clone() for name, p in network.named_parameters()}
+    monkeypatch.setattr(fold_confidence, "FIT_STEPS", 200)
+    monkeypatch.setattr(fold_confidence, "FIT_EPOCHS", 1000)  # ~800 residues: 60 passes would be 47 steps
+    fit = fold_confidence.fit_confidence(network, chains)
+
+    assert fit["chains"] == len(chains) and fit["residues"] > 90 * len(chains) and fit["steps"] == 200
+    assert fit["loss_after"] < fit["loss_before"] - 0.5  # from a random head: the lDDT of its own structures is learnt
+    changed = {name for name, p in network.named_parameters() if not torch.equal(p, before[name])}
+    assert changed == {name for name in before if name.startswith(("confidence.", "geometry_projection."))}
+    assert all(p.grad is None for p in network.parameters())
+    kept = {name: p.detach().clone() for name, p in network.named_parameters()}
+    assert fold_confidence.fit_confidence(network, [])["steps"] == 0  # nothing to fit on: the head stays as it is
+    assert all(torch.equal(p, kept[name]) for name, p in network.named_parameters())

@@ -16,7 +16,9 @@ from layerwise.models.folder import (
     PLDDT_BINS,
     FoldConfig,
     FoldNet,
+    confidence_geometry,
     fold_loss,
+    pair_distances,
     plddt,
 )
 from layerwise.tasks.structure_metrics import lddt_ca
@@ -69,7 +71,7 @@ def small_batch(two_chains) -> dict:
 
 def tiny_model() -> FoldNet:
     torch.manual_seed(0)
-    return create_model("fold_xs").eval()
+    return create_model("fold_xs", geometry_confidence=True).eval()  # as the fold task trains it
 
 
 def random_rotation(generator: torch.Generator) -> torch.Tensor:
@@ -119,6 +121,53 @@ def test_plddt_is_the_expected_lddt_in_percent() -> None:
     logits = torch.full((1, 2, PLDDT_BINS), -1e4)
     logits[0, 0, 0] = logits[0, 1, PLDDT_BINS - 1] = 0.0  # certain of the lowest / highest bin
     torch.testing.assert_close(plddt(logits), torch.tensor([[1.0, 99.0]]))
+
+
+def test_confidence_geometry_is_the_distograms_expected_lddt_and_neighbour_counts() -> None:
+    generator = torch.Generator().manual_seed(0)
+    coords = 8 * torch.randn(2, 30, 3, generator=generator)
+    logits = 2 * torch.randn(2, 30, 30, DISTOGRAM_BINS, generator=generator)
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask[1, 25:] = False
+    geometry = confidence_geometry(coords, logits, mask)
+
+    # The same by brute force over every bin: each bin's mass spread evenly over it (the open ones one bin wide), so a
+    # bin counts with the share of it that lies within t of the predicted distance.
+    width = 20.0 / (DISTOGRAM_BINS - 2)
+    starts = 2.0 + width * (torch.arange(DISTOGRAM_BINS) - 1.0)  # bin 0 covers [2 - width, 2), bin 1 [2, 2 + width)
+    probs, distance = logits.softmax(-1), pair_distances(coords)
+
+    def share(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:  # P(low < D < high)
+        overlap = torch.minimum(starts + width, high[..., None]) - torch.maximum(starts, low[..., None])
+        return (probs * overlap.clamp(min=0) / width).sum(-1)
+
+    pairs = mask[:, :, None] & mask[:, None, :] & ~torch.eye(30, dtype=torch.bool)
+    near = share(torch.full_like(distance, -1.0), torch.full_like(distance, 15.0)) * pairs
+    within = sum(share(distance - t, distance + t) for t in (0.5, 1, 2, 4)) / 4
+    expected = [(within * near).sum(-1) / near.sum(-1), near.sum(-1) / 10]
+    expected += [(torch.sigmoid((radius - distance) / 0.25) * pairs).sum(-1) / 10 for radius in (8, 10, 15)]
+    torch.testing.assert_close(geometry[mask], torch.stack(expected, -1)[mask], atol=1e-5, rtol=1e-5)
+    # Continuous in the coordinates: a residue 8 Å from another, moved 1e-4 Å inside that radius, moves every
+    # feature by about that much, never by a whole neighbour (0.1) as a hard count would.
+    at_radius = coords.clone()
+    at_radius[0, 1] = at_radius[0, 0] + torch.tensor([8.0, 0.0, 0.0])
+    across = at_radius.clone()
+    across[0, 1, 0] -= 1e-4  # from 8 Å (a hard count: not within 8 Å) to just within
+    moved = confidence_geometry(across, logits, mask) - confidence_geometry(at_radius, logits, mask)
+    assert moved[mask].abs().max() < 1e-3
+    assert ((geometry[..., 0] >= 0) & (geometry[..., 0] <= 1)).all()
+
+
+def test_a_network_saved_before_the_geometry_inputs_rebuilds_from_its_empty_config() -> None:
+    older, trained = create_model("fold_xs"), tiny_model()
+    assert older.geometry_projection is None and "geometry_projection.weight" not in older.state_dict()
+    # The names of the confidence head's weights in runs saved before the geometry, which must load unchanged.
+    head = {name for name in older.state_dict() if name.startswith("confidence.")}
+    assert head == {f"confidence.{layer}.{kind}" for layer in (0, 1, 3) for kind in ("weight", "bias")}
+    assert set(trained.state_dict()) - set(older.state_dict()) == {
+        "geometry_projection.weight",
+        "geometry_projection.bias",
+    }
 
 
 def test_padding_does_not_change_the_outputs_of_real_residues(small_batch) -> None:
@@ -201,7 +250,8 @@ def test_no_nan_when_a_chain_has_fewer_than_three_known_residues(small_batch) ->
 def test_the_default_model_memorises_two_real_chains(two_chains) -> None:
     batch = batch_of(two_chains)
     torch.manual_seed(0)
-    model = create_model("fold_xs")  # fold_s gets there too (151 steps) but takes 70 s on 2 cores, fold_xs 25 s
+    # As the fold task trains it; fold_s gets there too (151 steps) but takes 70 s on 2 cores, fold_xs 25 s.
+    model = create_model("fold_xs", geometry_confidence=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     start, steps, lddt = time.perf_counter(), 0, 0.0
     while steps < 400:

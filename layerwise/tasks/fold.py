@@ -169,7 +169,8 @@ class FoldTask:
             batches_of=train_batches,
             val_batches=ChainBatches(sorted(val[:EVAL_CHAINS], key=lambda c: len(c.sequence)), EVAL_BATCH, EVAL_CROP),
             model_name=model_name,
-            model_config={},
+            # A resumed run keeps the network it was saved with (runs from before the geometry inputs lack them).
+            model_config=saved["model"]["config"] if saved else {"geometry_confidence": True},
             data_summary=data_summary,
             problems=problems,
             batch_size=batch,
@@ -192,12 +193,15 @@ class FoldTask:
     # ------------------------------------------------------------------ after training
 
     def final_metrics(self, network: nn.Module, prepared: Prepared) -> dict:
+        from layerwise.tasks.fold_confidence import fit_confidence
+
+        plddt_fit = fit_confidence(network, prepared.extras["train"])  # the head only; before the chains are scored
         val = prepared.extras["val"]
         results = self.fold_chains(network, val)
         scored = score_chains(val, [r.coords for r in results], [r.plddt for r in results])
         prepared.extras["val_scores"] = scored
         prepared.extras["val_results"] = results
-        return summarise(scored)
+        return summarise(scored) | {"plddt_fit": plddt_fit}
 
     def baseline(self, prepared: Prepared, seed: int) -> dict:
         return baseline_scores(self.templates, prepared.extras["val"])
