@@ -503,35 +503,31 @@ def _coordinate_loss(pred: torch.Tensor, true: torch.Tensor, known: torch.Tensor
     return ALIGNED_WEIGHT * aligned + DISTANCE_WEIGHT * distance
 
 
-def _fold(
-    dim: int, pair_dim: int, trunk_layers: int, heads: int, pair_blocks: int, iterations: int, geometry_confidence: bool
-) -> FoldNet:
-    return FoldNet(FoldConfig(dim, pair_dim, trunk_layers, heads, pair_blocks, iterations, geometry_confidence))
-
-
 # geometry_confidence defaults to False so that a run saved before it existed (model config {}) rebuilds the network
 # its weights were saved from; the fold task trains with True and records it in the run's model config.
 @register_model("fold_xs", modalities=("protein",), tasks=("fold",))
 def fold_xs(geometry_confidence: bool = False) -> FoldNet:
-    return _fold(
+    config = FoldConfig(
         dim=32,
         pair_dim=16,
         trunk_layers=1,
         heads=2,
         pair_blocks=1,
-        iterations=2,
+        structure_iterations=2,
         geometry_confidence=geometry_confidence,
     )
+    return FoldNet(config)
 
 
 @register_model("fold_s", modalities=("protein",), tasks=("fold",))
 def fold_s(geometry_confidence: bool = False) -> FoldNet:
-    return _fold(
+    config = FoldConfig(
         dim=96,
         pair_dim=32,
         trunk_layers=3,
         heads=4,
         pair_blocks=2,
-        iterations=4,
+        structure_iterations=4,
         geometry_confidence=geometry_confidence,
     )
+    return FoldNet(config)
